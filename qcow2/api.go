@@ -116,6 +116,10 @@ type Info struct {
 	ETag             string
 	LastModified     time.Time
 	AllocatedBytes   int64 // guest bytes allocated in this layer (data, compressed)
+	// Servable is false when Open refuses the image; Reason then says why
+	// ("encrypted with LUKS", "unknown incompatible feature bit 7 (foo)", ...).
+	Servable bool
+	Reason   string
 }
 
 // Sentinel errors, wrapped in *Error.
@@ -148,6 +152,10 @@ func (e *Error) Unwrap() error { return e.Err }
 
 // The Image API, implemented in reader.go:
 //
+//	func Inspect(ctx context.Context, st objstore.Store, key string) (*Info, error)
+//	    // parses and checks the header like Open, but describes an image that
+//	    // Open would refuse (Servable false, Reason set) instead of failing;
+//	    // it fails only when the header itself cannot be read or is malformed.
 //	func Open(ctx context.Context, st objstore.Store, key string, opts *Options) (*Image, error)
 //	func (im *Image) Size() int64                      // virtual size
 //	func (im *Image) ClusterSize() int64
