@@ -59,8 +59,11 @@ type Image struct {
 	refused     string
 	selfRefused bool
 
-	clusterPool sync.Pool // of *[]byte, one cluster each
-	closed      atomic.Bool
+	// dec keeps recently decompressed clusters, so that small sequential
+	// reads of a compressed cluster decompress it once.
+	dec *decCache
+
+	closed atomic.Bool
 }
 
 // layer is one level of a backing chain: a QCOW2 image or a raw object.
@@ -192,8 +195,7 @@ func openImage(ctx context.Context, st objstore.Store, key string, opts Options,
 		return nil, &Error{URL: url, Offset: -1, Err: err}
 	}
 	im.l2 = newL2Cache(int(opts.L2CacheBytes >> h.clusterBits))
-	cs := int(h.clusterSize())
-	im.clusterPool.New = func() any { b := make([]byte, cs); return &b }
+	im.dec = newDecCache(int(min(64, max(2, decCacheBytes>>h.clusterBits))))
 
 	if h.backingFile != "" {
 		if err := im.openBacking(ctx, append(seen, key), lenient); err != nil {
@@ -346,6 +348,9 @@ func (im *Image) Close() error {
 	if im.l2 != nil {
 		im.l2.clear()
 	}
+	if im.dec != nil {
+		im.dec.clear()
+	}
 	if im.backing != nil {
 		im.backing.Close()
 	}
@@ -472,7 +477,14 @@ func (im *Image) plan(ctx context.Context, p []byte, off int64) (*readPlan, erro
 			}
 			pl.data = append(pl.data, dataRun{guest: pos, host: m.host, dst: dst})
 		case Compressed:
-			it := compItem{m: m, within: pos - m.clusterStart, guest: pos, dst: dst}
+			within := pos - m.clusterStart
+			if int64(len(dst)) < im.geo.clusterSize() {
+				if c := im.dec.get(m.host); c != nil {
+					copy(dst, c[within:])
+					break
+				}
+			}
+			it := compItem{m: m, within: within, guest: pos, dst: dst}
 			cend := m.host + m.clen
 			if n := len(pl.comp); n > 0 {
 				g := &pl.comp[n-1]
@@ -531,7 +543,7 @@ func (im *Image) readCompressed(ctx context.Context, g compGroup) error {
 	}
 	one := func(it compItem) error {
 		src := buf[it.m.host-g.start : min(it.m.host+it.m.clen, end)-g.start]
-		if err := im.decompressInto(src, it.dst, it.within); err != nil {
+		if err := im.decompressInto(src, it.dst, it.within, it.m.host); err != nil {
 			return &Error{URL: im.url, Offset: it.guest, Err: fmt.Errorf("%w: compressed cluster at host offset %#x: %v", ErrCorrupt, it.m.host, err)}
 		}
 		return nil
@@ -547,20 +559,77 @@ func (im *Image) readCompressed(ctx context.Context, g compGroup) error {
 	return eg.Wait()
 }
 
-// decompressInto decodes the compressed cluster src and copies its bytes
-// from offset within into dst.
-func (im *Image) decompressInto(src, dst []byte, within int64) error {
+// decompressInto decodes the compressed cluster src (at host offset host)
+// and copies its bytes from offset within into dst. Partly read clusters
+// are kept in the decompressed-cluster cache.
+func (im *Image) decompressInto(src, dst []byte, within, host int64) error {
 	cs := im.hdr.clusterSize()
 	if within == 0 && int64(len(dst)) == cs {
 		return decompressCluster(im.hdr.compressionType, src, dst)
 	}
-	bp := im.clusterPool.Get().(*[]byte)
-	defer im.clusterPool.Put(bp)
-	if err := decompressCluster(im.hdr.compressionType, src, *bp); err != nil {
+	c := make([]byte, cs)
+	if err := decompressCluster(im.hdr.compressionType, src, c); err != nil {
 		return err
 	}
-	copy(dst, (*bp)[within:])
+	copy(dst, c[within:])
+	im.dec.add(host, c)
 	return nil
+}
+
+// decCacheBytes bounds the decompressed clusters kept per image.
+const decCacheBytes = 16 << 20
+
+// decCache is a small LRU of decompressed clusters keyed by the host
+// offset of their compressed data.
+type decCache struct {
+	mu   sync.Mutex
+	max  int
+	keys []int64 // most recent last
+	m    map[int64][]byte
+}
+
+func newDecCache(n int) *decCache { return &decCache{max: n, m: make(map[int64][]byte)} }
+
+func (c *decCache) get(host int64) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, ok := c.m[host]
+	if ok {
+		c.touch(host)
+	}
+	return b
+}
+
+func (c *decCache) touch(host int64) {
+	for i, k := range c.keys {
+		if k == host {
+			copy(c.keys[i:], c.keys[i+1:])
+			c.keys[len(c.keys)-1] = host
+			return
+		}
+	}
+}
+
+func (c *decCache) add(host int64, b []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[host]; ok {
+		c.touch(host)
+		return
+	}
+	if len(c.keys) >= c.max {
+		delete(c.m, c.keys[0])
+		c.keys = append(c.keys[:0], c.keys[1:]...)
+	}
+	c.keys = append(c.keys, host)
+	c.m[host] = b
+}
+
+func (c *decCache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.keys = nil
+	clear(c.m)
 }
 
 // Map returns the extents of the guest range [off, off+length) across the
