@@ -209,6 +209,9 @@ func parseHeader(buf []byte, objSize int64) (*header, error) {
 		refcountOrder:     4,
 		headerLength:      v2HeaderLength,
 	}
+	if sz := be.Uint64(buf[24:]); sz <= 1<<62 {
+		h.size = int64(sz) // for Inspect of refused images; checked by checkGeometry
+	}
 	if h.version != 2 && h.version != 3 {
 		return h, refuse("unsupported QCOW2 version %d", h.version)
 	}
