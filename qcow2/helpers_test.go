@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -291,3 +292,5 @@ func writeRaw(t testing.TB, path string, size int, seed int64) []byte {
 	}
 	return b
 }
+
+func be64(b []byte) uint64 { return binary.BigEndian.Uint64(b) }
