@@ -266,3 +266,19 @@ func bytes64k(c byte) []byte {
 	}
 	return buf
 }
+
+// Large makes dir/name, a v3 image of size bytes (a multiple of 4 MiB)
+// whose every cluster holds data: 4 MiB runs of patterns that depend on
+// seed, so two images of different seeds differ in every run. It is for
+// tests that must read a lot (faults during a long read).
+func Large(t testing.TB, dir, name string, size int64, seed int64) Image {
+	t.Helper()
+	b := newBuilder(t, dir)
+	b.create(name, fmt.Sprint(size), "")
+	var cmds []string
+	for off := int64(0); off < size; off += 4 << 20 {
+		cmds = append(cmds, fmt.Sprintf("write -P 0x%02x %d 4M", pat(seed, off>>22), off))
+	}
+	b.io("qcow2", name, cmds...)
+	return Image{Name: name, Files: files(name), Key: name, Expect: Serve}
+}
