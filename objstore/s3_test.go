@@ -279,6 +279,29 @@ func TestS3MinIO(t *testing.T) {
 		}
 	})
 
+	t.Run("EmptyObject", func(t *testing.T) {
+		if err := st.Put(ctx, "empty", bytes.NewReader(nil), 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		p := make([]byte, 10)
+		if info, err := st.Stat(ctx, "empty"); err != nil || info.Size != 0 {
+			t.Fatalf("s3 Stat = %+v, %v", info, err)
+		}
+		if n, err := st.ReadAt(ctx, "empty", p, 0, objstore.ReadOptions{}); n != 0 || err != io.EOF {
+			t.Fatalf("s3 read of empty object = %d, %v", n, err)
+		}
+		hst, key, err := objstore.Open(ctx, m.PresignGet(t, "images", "empty", time.Minute), objstore.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info, err := hst.Stat(ctx, key); err != nil || info.Size != 0 {
+			t.Fatalf("http Stat = %+v, %v", info, err)
+		}
+		if n, err := hst.ReadAt(ctx, key, p, 0, objstore.ReadOptions{}); n != 0 || err != io.EOF {
+			t.Fatalf("http read of empty object = %d, %v", n, err)
+		}
+	})
+
 	t.Run("PublicBucket", func(t *testing.T) {
 		m.MakeBucket(t, "public")
 		m.MakePublic(t, "public")

@@ -63,8 +63,8 @@ type Config struct {
 	// Insecure skips TLS certificate verification.
 	Insecure bool
 	// HTTPClient, when set, is used for http(s) URLs, and its Transport for
-	// S3. When nil a shared transport tuned for many parallel ranged GETs
-	// is used.
+	// S3 (Insecure then does not apply). When nil a shared transport tuned
+	// for many parallel ranged GETs is used.
 	HTTPClient *http.Client
 
 	// AccessKey, SecretKey and SessionToken, when AccessKey is set, are the
@@ -176,8 +176,8 @@ func NewTransport(insecure bool) *http.Transport {
 // Open parses rawURL and returns the store that holds it and the object's
 // key inside that store.
 //
-//   - s3://bucket/key: an S3 store for the bucket; key is the object key
-//     (empty, or ending in "/", for a prefix).
+//   - s3://bucket/key: an S3 store for the bucket; key is the object key,
+//     taken verbatim (empty, or ending in "/", for a prefix).
 //   - https://... and http://...: a read-only store for the URL's directory;
 //     key is the last path element. The URL's query string (a pre-signed
 //     URL's signature) is used for that key only.
@@ -194,21 +194,21 @@ func Open(ctx context.Context, rawURL string, cfg Config) (Store, string, error)
 	}
 	switch scheme {
 	case "s3":
-		u, err := url.Parse(rawURL)
-		if err != nil {
-			return nil, "", &Error{Op: "open", URL: "s3://", Err: fmt.Errorf("invalid s3 URL")}
-		}
-		if u.Host == "" {
+		// Like the AWS CLI, take the key verbatim: no %-unescaping, and
+		// "?" and "#" are part of it.
+		rest := rawURL[len("s3://"):]
+		bucket, key, _ := strings.Cut(rest, "/")
+		if bucket == "" {
 			return nil, "", &Error{Op: "open", URL: "s3://", Err: errors.New("s3 URL has no bucket")}
 		}
-		if u.User != nil {
-			return nil, "", &Error{Op: "open", URL: "s3://" + u.Host, Err: errors.New("s3 URL must not carry credentials")}
+		if strings.Contains(bucket, "@") {
+			return nil, "", &Error{Op: "open", URL: "s3://", Err: errors.New("s3 URL must not carry credentials")}
 		}
-		st, err := NewS3(ctx, u.Host, cfg)
+		st, err := NewS3(ctx, bucket, cfg)
 		if err != nil {
 			return nil, "", err
 		}
-		return st, strings.TrimPrefix(u.Path, "/"), nil
+		return st, key, nil
 	case "http", "https":
 		return newHTTPFromURL(rawURL, cfg)
 	case "file":
