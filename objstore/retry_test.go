@@ -388,3 +388,49 @@ func TestMetricsCount(t *testing.T) {
 		t.Fatalf("metrics %+v, want %+v", got, want)
 	}
 }
+
+// The documented stack: pinning over retry over metrics.
+func TestWrapperStack(t *testing.T) {
+	ctx := context.Background()
+	fs := newFakeServer(t)
+	data := pattern(10000, 2)
+	fs.put("/signed/img", data, "v1", nil)
+	fs.setHook(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if n != 2 { // the first ranged read dies after 3000 bytes
+			return false
+		}
+		w.Header().Set("Content-Range", "bytes 0-9999/10000")
+		w.Header().Set("Content-Length", "10000")
+		w.WriteHeader(http.StatusPartialContent)
+		w.Write(data[:3000])
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler)
+	})
+	var logs syncBuffer
+	var m objstore.Metrics
+	backend, key := openSigned(t, fs, "/signed/img")
+	st := objstore.WithPinning(objstore.WithRetry(objstore.WithMetrics(backend, &m), fastPolicy(&logs, 4)))
+	if _, err := st.Stat(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 10000)
+	if n, err := st.ReadAt(ctx, key, p, 0, objstore.ReadOptions{}); err != nil || n != 10000 || !bytes.Equal(p, data) {
+		t.Fatalf("ReadAt = %d, %v", n, err)
+	}
+	rs := fs.seen("/signed/img")
+	if len(rs) != 3 || rs[2].Header.Get("Range") != "bytes=3000-9999" || rs[2].Header.Get("If-Match") != `"v1"` {
+		t.Fatalf("requests: %d, last Range %q If-Match %q", len(rs), rs[len(rs)-1].Header.Get("Range"), rs[len(rs)-1].Header.Get("If-Match"))
+	}
+	if s := m.Snapshot(); s.Gets != 2 || s.BytesRead != 10000 || s.Stats != 1 || s.Errors != 1 || s.InFlight != 0 {
+		t.Fatalf("metrics %+v", s)
+	}
+	// The object changes: the next read fails at once, without retries.
+	fs.setHook(nil)
+	fs.put("/signed/img", pattern(10000, 3), "v2", nil)
+	if _, err := st.ReadAt(ctx, key, p, 0, objstore.ReadOptions{}); !errors.Is(err, objstore.ErrChanged) {
+		t.Fatalf("read after change: %v", err)
+	}
+	if len(fs.seen("/signed/img")) != 4 {
+		t.Fatal("ErrChanged was retried")
+	}
+}

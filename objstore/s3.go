@@ -202,7 +202,7 @@ func (s *S3Store) ReadAt(ctx context.Context, key string, p []byte, off int64, o
 			return 0, newError("read", s.URL(key), 0, err)
 		}
 	}
-	body, _, hdr, err := s.core.GetObject(ctx, s.bucket, key, gopts)
+	body, oi, hdr, err := s.core.GetObject(ctx, s.bucket, key, gopts)
 	if err != nil {
 		e := s.s3Error("read", key, err)
 		if errors.Is(e, ErrRange) {
@@ -227,6 +227,8 @@ func (s *S3Store) ReadAt(ctx context.Context, key string, p []byte, off int64, o
 		}
 	} else if off != 0 {
 		return 0, newError("read", u, http.StatusOK, errors.New("server ignored the Range header"))
+	} else if oi.Size >= 0 && oi.Size < want {
+		want = oi.Size // a whole (small) object in a 200
 	}
 	n, err := io.ReadFull(body, p[:want])
 	if err != nil {

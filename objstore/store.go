@@ -1,6 +1,15 @@
 // Package objstore is the object-store layer of snapfs: one Store interface,
 // its backends (s3, https, file) and the wrappers layered around any Store
 // (retry, version pinning, metrics).
+//
+// Open turns a URL (s3://, https://, http://, file:// or a plain path) into
+// a Store and a key. A typical reader stacks the wrappers as
+//
+//	st = WithPinning(WithRetry(WithMetrics(backend, m), RetryPolicy{}))
+//
+// so that metrics count every real request, retries resume short reads
+// under the pinned ETag, and a changed object fails with ErrChanged
+// instead of being retried.
 package objstore
 
 import (

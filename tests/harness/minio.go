@@ -48,11 +48,19 @@ type MinIO struct {
 	exited chan struct{} // closed when cmd has been waited for
 }
 
-// FindMinIO returns the path of the minio binary: $GOPATH/bin/minio (each
-// GOPATH entry, GOPATH defaulting to ~/go), else minio on $PATH.
+// FindMinIO returns the path of the minio binary: $GOBIN/minio, else
+// $GOPATH/bin/minio (each GOPATH entry, GOPATH defaulting to ~/go), else
+// minio on $PATH.
 func FindMinIO() (string, error) {
+	var dirs []string
+	if gobin := os.Getenv("GOBIN"); gobin != "" {
+		dirs = append(dirs, gobin)
+	}
 	for _, dir := range filepath.SplitList(build.Default.GOPATH) {
-		p := filepath.Join(dir, "bin", "minio")
+		dirs = append(dirs, filepath.Join(dir, "bin"))
+	}
+	for _, dir := range dirs {
+		p := filepath.Join(dir, "minio")
 		if fi, err := os.Stat(p); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 {
 			return p, nil
 		}
