@@ -41,8 +41,14 @@ func TestMain(m *testing.M) {
 	}())
 }
 
-// buildCLI builds ./cmd/snapfs from the module root into dir.
+// buildCLI builds ./cmd/snapfs from the module root into dir, or takes
+// the binary $SNAPFS_BIN when set (to test a given build).
 func buildCLI(dir string) error {
+	if bin := os.Getenv("SNAPFS_BIN"); bin != "" {
+		abs, err := filepath.Abs(bin)
+		snapfsBin = abs
+		return err
+	}
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
 		return fmt.Errorf("go env GOMOD: %v", err)

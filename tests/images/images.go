@@ -57,33 +57,33 @@ const (
 // every entry must still name the problem.
 var Reasons = map[string]string{
 	// Corpus: valid images that snapfs refuses.
-	"luks": "encrypted",
-	"aes":  "encrypted",
+	"luks": "encrypted with LUKS",
+	"aes":  "encrypted with AES",
 
 	// Malformed: byte-patched headers.
 	"bad-magic":         "not a QCOW2",
-	"version-4":         "version 4",
+	"version-4":         "unsupported QCOW2 version 4",
 	"cluster-bits-8":    "cluster_bits 8",
-	"cluster-bits-22":   "cluster_bits 22",
-	"l1-too-small":      "L1",
-	"l1-past-eof":       "L1",
-	"l1-huge":           "L1",
+	"cluster-bits-22":   "cluster size 2^22",
+	"l1-too-small":      "does not cover the virtual size",
+	"l1-past-eof":       "L1 table",
+	"l1-huge":           "l1_size 2147483647",
 	"refcount-order-7":  "refcount_order 7",
-	"ext-overrun":       "extension",
+	"ext-overrun":       "header extension",
 	"incompat-bit-9":    unknownFeatureName,
-	"snapshots-huge":    "snapshot",
-	"backing-name-huge": "backing",
-	"backing-absolute":  "/etc/passwd",
-	"backing-dotdot":    "../escape.qcow2",
-	"backing-json":      "json:",
-	"backing-http":      "http://example.com/x",
-	"backing-loop":      "loop",
-	"backing-self":      "loop",
+	"snapshots-huge":    "nb_snapshots 4294967295",
+	"backing-name-huge": "backing file name too long",
+	"backing-absolute":  "\"/etc/passwd\" is absolute",
+	"backing-dotdot":    "\"../escape.qcow2\" escapes",
+	"backing-json":      "is a json: pseudo-protocol",
+	"backing-http":      "\"http://example.com/x\" looks like a protocol",
+	"backing-loop":      "backing loop",
+	"backing-self":      "backing loop",
 	"backing-missing":   "not found",
 	"sample-not-qcow2":  "not a QCOW2", // every NonQCOW2 image
 	"truncated-header":  "truncated",
 	"empty-object":      "not a QCOW2",
-	"l2-past-eof":       "L2",
+	"l2-past-eof":       "L2 table",
 }
 
 // reason returns the table entry for name, failing loudly on a typo.

@@ -38,9 +38,9 @@ func Malformed(t testing.TB, dir string) []Image {
 		refuse(name, stage, f)
 	}
 	patched("bad-magic", StageHeader, func(h []byte) { copy(h[offMagic:], "QFI\x00") })
-	patched("version-4", StageHeader, func(h []byte) { putU32(h, offVersion, 4) })
+	patched("version-4", StageOpen, func(h []byte) { putU32(h, offVersion, 4) })
 	patched("cluster-bits-8", StageHeader, func(h []byte) { putU32(h, offClusterBits, 8) })
-	patched("cluster-bits-22", StageHeader, func(h []byte) { putU32(h, offClusterBits, 22) })
+	patched("cluster-bits-22", StageOpen, func(h []byte) { putU32(h, offClusterBits, 22) })
 	// 4 GiB needs 8 L1 entries with 64 KiB clusters; the table has 1.
 	patched("l1-too-small", StageHeader, func(h []byte) { putU64(h, offSize, 4<<30) })
 	patched("l1-past-eof", StageHeader, func(h []byte) { putU64(h, offL1Offset, 1<<40) })
