@@ -53,8 +53,10 @@ type Extent struct {
 	Start  int64      // guest offset
 	Length int64      // bytes
 	Kind   ExtentKind // what the range holds
-	// Depth is the chain layer that answers for the range (0 = this image);
-	// for Unallocated it is the chain length.
+	// Depth is the chain layer that answers for the range (0 = this image).
+	// For Unallocated it is the number of backing files (the depth of the
+	// last layer), or the depth of the layer whose backing file ends before
+	// the range, as qemu-img map reports it.
 	Depth int
 	// HostOffset is where a Data range starts in File; -1 otherwise.
 	HostOffset int64

@@ -678,10 +678,10 @@ func (im *Image) mapLayer(ctx context.Context, off, length int64, depth int, out
 				}
 			}
 			if pos+l > bs {
-				// Past the end of a shorter backing file: zeros, as QEMU
-				// reports them, at this layer.
+				// Past the end of a shorter backing file: in no layer, at
+				// this layer's depth, as qemu-img map reports it.
 				s := max(pos, bs)
-				out = appendExtent(out, Extent{Start: s, Length: pos + l - s, Kind: Zero, Depth: depth, HostOffset: -1})
+				out = appendExtent(out, Extent{Start: s, Length: pos + l - s, Kind: Unallocated, Depth: depth, HostOffset: -1})
 			}
 		}
 		pos += l
