@@ -22,6 +22,7 @@ var compressedImages = map[string]bool{
 // directory, to qemu-img: cat (relative plain path, file:// URL, -o FILE
 // with holes), map, info and check.
 func TestFileCorpus(t *testing.T) {
+	t.Parallel()
 	dir, corpus, _ := imageSet(t)
 	n := 0
 	for _, im := range corpus {

@@ -25,6 +25,9 @@ import (
 var snapfsBin, workDir string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(runnerEnv) != "" {
+		os.Exit(runnerMain(os.Args[1:]))
+	}
 	os.Exit(func() int {
 		dir, err := os.MkdirTemp("", "snapfs-e2e-")
 		if err != nil {
@@ -124,6 +127,7 @@ type result struct {
 
 	stderrBuf *lockedBuffer
 	started   time.Time
+	rssFile   string
 }
 
 func (r *result) String() string {
@@ -144,11 +148,6 @@ func snapfs(t *testing.T, args ...string) *result {
 	return runCLI(t, cliRun{args: args})
 }
 
-// asLimit caps the CLI's address space: a safety net against runaway
-// allocations (the Go runtime alone reserves about 1 GiB, so the real
-// memory bound is checked on the maximum RSS instead).
-const asLimit = 4 << 30
-
 // runCLI runs the CLI under a timeout and an address-space cap, and fails
 // the test if it panicked or was killed.
 func runCLI(t *testing.T, c cliRun) *result {
@@ -159,25 +158,26 @@ func runCLI(t *testing.T, c cliRun) *result {
 	return res
 }
 
-// startCLI starts the CLI; stdout goes to c.stdout, or to the pipe
-// returned when pipe is non-nil.
+// startCLI starts the CLI, through the runner (see runner_test.go); stdout
+// goes to c.stdout, or to the pipe returned when pipe is non-nil.
 func startCLI(t *testing.T, c cliRun, pipe *io.ReadCloser) (*result, *exec.Cmd, context.CancelFunc) {
 	t.Helper()
 	if c.timeout == 0 {
 		c.timeout = 2 * time.Minute
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
-	args := c.args
-	name := snapfsBin
-	if p, err := exec.LookPath("prlimit"); err == nil {
-		args = append([]string{fmt.Sprintf("--as=%d", asLimit), "--", snapfsBin}, args...)
-		name = p
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
 	}
-	cmd := exec.CommandContext(ctx, name, args...)
+	res := &result{args: c.args, rssFile: filepath.Join(t.TempDir(), "rusage")}
+	cmd := exec.CommandContext(ctx, self, append([]string{res.rssFile, snapfsBin}, c.args...)...)
+	// The runner and the CLI form a process group, killed as one on timeout.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 5 * time.Second
 	cmd.Dir = c.dir
-	cmd.Env = append(cleanEnv(), c.env...)
-	res := &result{args: c.args}
+	cmd.Env = append(append(cleanEnv(), c.env...), runnerEnv+"=1")
 	var errb lockedBuffer
 	cmd.Stderr = &errb
 	switch {
@@ -207,16 +207,21 @@ func waitCLI(t *testing.T, res *result, cmd *exec.Cmd) {
 	err := cmd.Wait()
 	res.elapsed = time.Since(res.started)
 	res.stderr = res.stderrBuf.String()
-	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
-		res.maxRSS = ru.Maxrss << 10 // KiB on Linux
-	}
-	res.code = cmd.ProcessState.ExitCode()
+	res.code = -1
 	var ee *exec.ExitError
 	if err != nil && !errors.As(err, &ee) {
 		t.Errorf("snapfs %s: %v", strings.Join(res.args, " "), err)
 	}
-	if res.code == -1 {
-		t.Errorf("snapfs was killed (%v; timeout or signal):\n%s", cmd.ProcessState, res)
+	ru, rerr := readRunnerReport(res.rssFile)
+	switch {
+	case rerr != nil && cmd.ProcessState != nil && !cmd.ProcessState.Exited():
+		t.Errorf("snapfs killed (%v): timed out?\n%s", cmd.ProcessState, res)
+	case rerr != nil:
+		t.Errorf("snapfs %s: no report from the runner (%v; runner %v):\n%s", strings.Join(res.args, " "), rerr, cmd.ProcessState, res)
+	case ru.signal != "":
+		t.Errorf("snapfs was killed (%s; timeout or crash):\n%s", ru.signal, res)
+	default:
+		res.code, res.maxRSS = ru.code, ru.maxRSS
 	}
 	if strings.Contains(res.stderr, "panic:") || strings.Contains(res.stderr, "goroutine ") {
 		t.Errorf("snapfs crashed:\n%s", res)

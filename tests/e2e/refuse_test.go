@@ -18,6 +18,7 @@ const memBound = 200 << 20
 // QEMU's non-QCOW2 samples): each must fail with the expected reason, in
 // bounded time and memory, without a crash.
 func TestRefused(t *testing.T) {
+	t.Parallel()
 	dir, corpus, malformed := imageSet(t)
 	var refused []images.Image
 	for _, im := range append(append([]images.Image{}, corpus...), malformed...) {
