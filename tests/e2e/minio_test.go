@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -29,7 +30,7 @@ var s3Images = []string{
 // expired or tampered with), and over a public bucket's plain http URLs.
 func TestMinIO(t *testing.T) {
 	t.Parallel()
-	dir, corpus, _ := imageSet(t)
+	dir, corpus, malformed := imageSet(t)
 	m := harness.StartMinIO(t)
 	const bucket, prefix = "snaps", "vm/2024/"
 	m.MakeBucket(t, bucket)
@@ -44,8 +45,56 @@ func TestMinIO(t *testing.T) {
 			m.Upload(t, "public", f, filepath.Join(dir, f))
 		}
 	}
+	// Images to refuse, and QEMU's non-QCOW2 samples as they are (those
+	// under 40 MiB).
+	var refused []images.Image
+	for _, im := range malformed {
+		size := int64(0)
+		for _, f := range im.Files {
+			fi, err := os.Stat(filepath.Join(dir, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			size += fi.Size()
+		}
+		if size > 40<<20 {
+			continue
+		}
+		refused = append(refused, im)
+		for _, f := range im.Files {
+			m.Upload(t, bucket, prefix+f, filepath.Join(dir, f))
+		}
+	}
 	env := m.Env()
 	client := m.Client(t)
+
+	// Refused over s3:// as over file://; backing names resolve against
+	// the key's prefix ("../escape.qcow2" would leave it).
+	t.Run("refused", func(t *testing.T) {
+		for _, im := range refused {
+			t.Run(im.Name, func(t *testing.T) {
+				t.Parallel()
+				u := "s3://" + bucket + "/" + prefix + im.Key
+				res := runCLI(t, cliRun{args: []string{"info", "--json", u}, env: env, timeout: 30 * time.Second})
+				if im.Stage == images.StageHeader {
+					if res.code != 1 {
+						t.Errorf("info exits %d, want 1:\n%s", res.code, res)
+					}
+					checkError(t, res, prefix+im.Key, im.Reason)
+				} else if res.code != 0 {
+					t.Errorf("info exits %d, want 0:\n%s", res.code, res)
+				}
+				res = runCLI(t, cliRun{args: []string{"cat", u}, env: env, timeout: 30 * time.Second})
+				if res.code != 1 {
+					t.Errorf("cat exits %d, want 1:\n%s", res.code, res)
+				}
+				checkError(t, res, prefix+im.Key, im.Reason)
+				if res.maxRSS > memBound {
+					t.Errorf("used %d MiB (bound %d MiB):\n%s", res.maxRSS>>20, memBound>>20, res)
+				}
+			})
+		}
+	})
 
 	t.Run("s3", func(t *testing.T) {
 		for _, im := range ims {
