@@ -34,6 +34,7 @@ const (
 	Compressed
 )
 
+// String returns "unallocated", "zero", "data" or "compressed".
 func (k ExtentKind) String() string {
 	switch k {
 	case Zero:

@@ -256,6 +256,20 @@ func compareMap(t *testing.T, dir, key string, im *Image) {
 	if pos != im.Size() {
 		t.Fatalf("Map covers %d bytes, want %d", pos, im.Size())
 	}
+	// AllocatedBytes is what qemu maps as data in the top layer.
+	var qemuAlloc int64
+	for _, q := range qs {
+		if q.Data && q.Depth == 0 {
+			qemuAlloc += q.Length
+		}
+	}
+	in, err := im.Info(context.Background())
+	if err != nil {
+		t.Fatalf("Info: %v", err)
+	}
+	if in.AllocatedBytes != qemuAlloc {
+		t.Fatalf("AllocatedBytes = %d, qemu-img map has %d data bytes at depth 0", in.AllocatedBytes, qemuAlloc)
+	}
 	// Sweep both lists.
 	isData := func(e Extent) bool { return e.Kind == Data || e.Kind == Compressed }
 	i, j := 0, 0

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"strings"
 	"testing"
 )
@@ -347,5 +348,61 @@ func TestQemuBitmaps(t *testing.T) {
 	if len(in.Bitmaps) != 2 || in.Bitmaps[0].Name != "bm0" || in.Bitmaps[0].Granularity != 128<<10 ||
 		fmt.Sprint(in.Bitmaps[0].Flags) != "[auto]" || in.Bitmaps[1].Name != "second" || len(in.Bitmaps[1].Flags) != 0 {
 		t.Fatalf("Bitmaps = %+v", in.Bitmaps)
+	}
+}
+
+// Without a backing format extension the backing file's format is probed.
+func TestQemuBackingFormatProbe(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "2M")
+	qio(t, dir, "base.qcow2", "qcow2", "write -P 0x41 0 1M")
+	writeRaw(t, dir+"/base.raw", 2<<20, 9)
+	for _, base := range []string{"base.qcow2", "base.raw"} {
+		format := strings.TrimPrefix(path.Ext(base), ".")
+		run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", format, "top.qcow2", "2M")
+		qio(t, dir, "top.qcow2", "qcow2", "write -P 0x42 512k 64k")
+		f := loadImg(t, dir+"/top.qcow2")
+		off, _ := f.ext(extBackingFmt)
+		f.put32(off-8, 0x12345678) // an unknown extension type, ignored
+		f.save("probe.qcow2")
+		st := newDirStore(dir)
+		im, err := Open(context.Background(), st, "probe.qcow2", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in, err := im.Info(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if in.BackingFormat != "" || in.Backing == nil || in.Backing.Format != format {
+			t.Fatalf("%s: BackingFormat %q, backing %+v", base, in.BackingFormat, in.Backing)
+		}
+		_, want := rawSHA(t, dir, "top.qcow2")
+		if got := readAll(t, im, 1<<20); !bytes.Equal(got, want) {
+			t.Fatalf("%s: content differs at %d", base, firstDiff(got, want))
+		}
+		im.Close()
+	}
+}
+
+// A chain of 16 backing files opens with the default limit; 17 do not.
+func TestQemuChainDepthLimit(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "l0.qcow2", "2M")
+	qio(t, dir, "l0.qcow2", "qcow2", "write -P 1 0 4k")
+	for i := 1; i <= 17; i++ {
+		run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-b", fmt.Sprintf("l%d.qcow2", i-1), "-F", "qcow2", fmt.Sprintf("l%d.qcow2", i), "2M")
+		qio(t, dir, fmt.Sprintf("l%d.qcow2", i), "qcow2", fmt.Sprintf("write -P %d %dk 4k", i+1, 64*i))
+	}
+	im := checkAgainstQemu(t, dir, "l16.qcow2")
+	ext, err := im.Map(context.Background(), 0, 4096)
+	if err != nil || len(ext) != 1 || ext[0].Depth != 16 {
+		t.Fatalf("Map of the base's data: %+v, %v", ext, err)
+	}
+	_, err = Open(context.Background(), newDirStore(dir), "l17.qcow2", nil)
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "backing chain deeper than 16") {
+		t.Fatalf("17 backing files: %v", err)
 	}
 }
