@@ -149,6 +149,9 @@ func catWithFault(t *testing.T, c cliRun, want string, fault, whileReading func(
 	out := &prefixWriter{want: f, hw: newHashWriter()}
 	var pipe io.ReadCloser
 	res, cmd, cancel := startCLI(t, c, &pipe)
+	defer func() {
+		t.Logf("%s: exit %d after %d bytes; %s", strings.Join(c.args, " "), res.code, out.n, lastLine(res.stderr))
+	}()
 	defer cancel()
 	if _, err := io.CopyN(out, pipe, pauseAt); err != nil {
 		cancel()
