@@ -21,6 +21,7 @@ type qemuRef struct {
 	mapping []mapEntry // `qemu-img map --output=json`
 	info    map[string]any
 	check   int // exit code of `qemu-img check`
+	checkJS map[string]any
 }
 
 var (
@@ -54,14 +55,18 @@ func reference(t *testing.T, dir, key string) *qemuRef {
 	if err := json.Unmarshal(qemuImg(t, dir, "info", "-f", "qcow2", "--output=json", key), &ref.info); err != nil {
 		t.Fatalf("qemu-img info: %v", err)
 	}
-	cmd := exec.Command("qemu-img", "check", "-f", "qcow2", key)
+	cmd := exec.Command("qemu-img", "check", "-f", "qcow2", "--output=json", key)
 	cmd.Dir = dir
-	if err := cmd.Run(); err != nil {
+	out, err := cmd.Output()
+	if err != nil {
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) {
 			t.Fatal(err)
 		}
 		ref.check = ee.ExitCode()
+	}
+	if err := json.Unmarshal(out, &ref.checkJS); err != nil {
+		t.Fatalf("qemu-img check --output=json: %v\n%s", err, out)
 	}
 	refMu.Lock()
 	refCache[path] = ref

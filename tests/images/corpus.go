@@ -171,6 +171,28 @@ func Corpus(t testing.TB, dir string) []Image {
 	b.patch("dirty.qcow2", func(h []byte) { putU64(h, offIncompat, getU64(h, offIncompat)|1) })
 	serve("dirty", "dirty.qcow2")
 
+	// Refcount damage that reads fine but that check must report: a leaked
+	// cluster (refcount 1, no reference; exit 3), and an L2 table whose
+	// cluster has refcount 0 though referenced (corruption; exit 2).
+	b.create("leak.qcow2", "16M", "")
+	b.io("qcow2", "leak.qcow2", scatter(16<<20, 20, 16)...)
+	b.edit("leak.qcow2", func(f []byte) []byte {
+		n := len(f) / 65536 // the first cluster past the end
+		f = append(f, make([]byte, 65536)...)
+		putU16(f, refcountEntry(f, n), 1)
+		return f
+	})
+	add(Image{Name: "leak", Files: files("leak.qcow2"), Check: 3})
+
+	b.create("refcount-zero.qcow2", "16M", "")
+	b.io("qcow2", "refcount-zero.qcow2", scatter(16<<20, 20, 17)...)
+	b.edit("refcount-zero.qcow2", func(f []byte) []byte {
+		l2 := getU64(f, int(getU64(f, offL1Offset))) &^ (1 << 63) // L1[0]
+		putU16(f, refcountEntry(f, int(l2/65536)), 0)
+		return f
+	})
+	add(Image{Name: "refcount-zero", Files: files("refcount-zero.qcow2"), Check: 2})
+
 	// Guest content that nobody on the team wrote: QEMU's sample images of
 	// other formats, converted to QCOW2.
 	for _, s := range []struct {

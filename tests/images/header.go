@@ -39,6 +39,7 @@ const (
 	extDataFile     = 0x44415441
 )
 
+func putU16(h []byte, off int, v uint16) { binary.BigEndian.PutUint16(h[off:], v) }
 func getU32(h []byte, off int) uint32    { return binary.BigEndian.Uint32(h[off:]) }
 func getU64(h []byte, off int) uint64    { return binary.BigEndian.Uint64(h[off:]) }
 func putU32(h []byte, off int, v uint32) { binary.BigEndian.PutUint32(h[off:], v) }
@@ -66,17 +67,29 @@ func (b *builder) patch(file string, fn func(h []byte)) {
 	}
 }
 
-// patchAt writes p at off in file.
-func (b *builder) patchAt(file string, off int64, p []byte) {
+// edit replaces the whole of file (a small one) by fn's result.
+func (b *builder) edit(file string, fn func(f []byte) []byte) {
 	b.t.Helper()
-	f, err := os.OpenFile(b.path(file), os.O_RDWR, 0)
+	f, err := os.ReadFile(b.path(file))
 	if err != nil {
 		b.t.Fatal(err)
 	}
-	defer f.Close()
-	if _, err := f.WriteAt(p, off); err != nil {
+	if err := os.WriteFile(b.path(file), fn(f), 0o644); err != nil {
 		b.t.Fatal(err)
 	}
+}
+
+// refcountEntry returns the file offset of the 16-bit refcount of
+// cluster n in a whole image file f with 64 KiB clusters, whose refcount
+// block for n exists.
+func refcountEntry(f []byte, n int) int {
+	const perBlock = 65536 / 2
+	rt := int(getU64(f, offRefcountOffset))
+	block := int(getU64(f, rt+8*(n/perBlock)))
+	if block == 0 {
+		panic("images: no refcount block for the cluster")
+	}
+	return block + 2*(n%perBlock)
 }
 
 // copyFile copies src to dst in the directory, keeping holes.

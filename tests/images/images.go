@@ -43,6 +43,9 @@ type Image struct {
 	// and cat fail) or StageRead (the header is valid and info may call it
 	// servable; map or cat fail when they reach the bad metadata).
 	Stage string
+	// Check is the exit code `qemu-img check` (and so `snapfs check`)
+	// gives: 0 clean, 2 corruption, 3 leaked clusters only.
+	Check int
 }
 
 // Stages of a refused image.
