@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -231,5 +232,44 @@ func copyFile(t *testing.T, src, dst string) {
 	}
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRetriesFlag: against an endpoint that refuses connections, a request
+// is tried --retries times (8 by default), each retry logged, and the
+// error names the object.
+func TestRetriesFlag(t *testing.T) {
+	t.Parallel()
+	// Port 1 (tcpmux) is privileged and unused: connections are refused,
+	// and no test server can take it meanwhile.
+	const endpoint = "http://127.0.0.1:1"
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:1", time.Second); err == nil {
+		c.Close()
+		t.Skip("something listens on 127.0.0.1:1")
+	}
+	env := []string{"AWS_ENDPOINT_URL=" + endpoint, "AWS_ACCESS_KEY_ID=snapfs", "AWS_SECRET_ACCESS_KEY=snapfs-secret", "AWS_REGION=us-east-1"}
+	const u = "s3://bucket/some/image.qcow2"
+	retrying := regexp.MustCompile(`(?i)\bretrying\b`)
+	for _, c := range []struct {
+		flags    []string
+		attempts int
+	}{
+		{[]string{"--retries", "1"}, 1},
+		{[]string{"--retries", "3"}, 3},
+		{nil, 8},
+	} {
+		args := append(append([]string{}, c.flags...), "info", u)
+		res := runCLI(t, cliRun{args: args, env: env, timeout: time.Minute})
+		if res.code != 1 {
+			t.Errorf("exit %d, want 1:\n%s", res.code, res)
+		}
+		last := lastLine(res.stderr)
+		if !strings.HasPrefix(last, "snapfs: ") || !strings.Contains(last, "some/image.qcow2") {
+			t.Errorf("the error does not name the object:\n%s", res)
+		}
+		body := strings.TrimSuffix(strings.TrimRight(res.stderr, "\n"), last)
+		if n := len(retrying.FindAllString(body, -1)); n != c.attempts-1 {
+			t.Errorf("%v: %d retries logged, want %d:\n%s", c.flags, n, c.attempts-1, res)
+		}
 	}
 }
