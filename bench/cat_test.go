@@ -1,0 +1,242 @@
+// Package bench measures snapfs against peers on the same machine, in the
+// same run, and prints ratios. Run: go test ./bench -run '^$' -bench . -benchtime 1x -timeout 60m
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/snapfs/snapfs/tests/harness"
+)
+
+// benchDisk writes a raw disk of size bytes to path: random data in 16 MiB
+// runs over about two thirds of it, holes elsewhere. Random data keeps the
+// page cache and compression from flattering anyone.
+func benchDisk(tb testing.TB, path string, size int64) {
+	tb.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(size); err != nil {
+		tb.Fatal(err)
+	}
+	rng := rand.NewChaCha8([32]byte{1})
+	const run = 16 << 20
+	buf := make([]byte, run)
+	for off := int64(0); off < size; off += run {
+		if (off/run)%3 == 2 {
+			continue
+		}
+		_, _ = rng.Read(buf)
+		if _, err := f.WriteAt(buf, off); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
+
+// buildSnapfs builds the CLI into dir and returns its path.
+func buildSnapfs(tb testing.TB, dir string) string {
+	tb.Helper()
+	bin := filepath.Join(dir, "snapfs")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/snapfs/snapfs/cmd/snapfs").CombinedOutput()
+	if err != nil {
+		tb.Fatalf("build snapfs: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// stallAfter is how long a reader may move no bytes before it counts as
+// stalled and is killed.
+const stallAfter = 15 * time.Second
+
+// runWatched runs a command that writes the file out, and returns its wall
+// time, or stalled=true when out stopped growing for stallAfter (the
+// command is then killed).
+func runWatched(tb testing.TB, env []string, out string, name string, args ...string) (d time.Duration, stalled bool) {
+	tb.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var output strings.Builder
+	cmd.Stdout, cmd.Stderr = &output, &output
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var lastSize int64 = -1
+	lastMove := time.Now()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				tb.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, output.String())
+			}
+			return time.Since(start), false
+		case <-tick.C:
+			var size int64
+			if fi, err := os.Stat(out); err == nil {
+				if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+					size = st.Blocks
+				}
+			}
+			if size != lastSize {
+				lastSize, lastMove = size, time.Now()
+			} else if time.Since(lastMove) > stallAfter {
+				_ = cmd.Process.Kill()
+				<-done
+				return time.Since(start), true
+			}
+		}
+	}
+}
+
+// parallelGets reads the whole object with ranged GETs, jobs in flight and
+// nothing else done with the bytes: the limit any reader of the object has.
+func parallelGets(tb testing.TB, cl *minio.Client, bucket, key string, size, chunk int64, jobs int) time.Duration {
+	tb.Helper()
+	start := time.Now()
+	g, ctx := errgroup.WithContext(context.Background())
+	g.SetLimit(jobs)
+	for off := int64(0); off < size; off += chunk {
+		off := off
+		g.Go(func() error {
+			opts := minio.GetObjectOptions{}
+			if err := opts.SetRange(off, min(off+chunk, size)-1); err != nil {
+				return err
+			}
+			obj, err := cl.GetObject(ctx, bucket, key, opts)
+			if err != nil {
+				return err
+			}
+			defer obj.Close()
+			buf := make([]byte, 1<<20)
+			for {
+				_, err := obj.Read(buf)
+				if err != nil {
+					if err == io.EOF {
+						return nil
+					}
+					return err
+				}
+			}
+		})
+	}
+	if err := g.Wait(); err != nil {
+		tb.Fatal(err)
+	}
+	return time.Since(start)
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+// BenchmarkCat compares `snapfs cat` of a QCOW2 object in MinIO with
+// `qemu-img convert -O raw` of the same object over http (qemu's curl
+// driver), and with the parallel-GET limit, interleaved, three rounds.
+func BenchmarkCat(b *testing.B) {
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		b.Skip("qemu-img not installed (scripts/test-deps installs it)")
+	}
+	dir := b.TempDir()
+	out := b.TempDir()
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		out, _ = os.MkdirTemp("/dev/shm", "snapfs-bench-")
+		defer os.RemoveAll(out)
+	}
+	snapfs := buildSnapfs(b, dir)
+	const size = 2 << 30
+	raw := filepath.Join(dir, "disk.raw")
+	benchDisk(b, raw, size)
+	img := filepath.Join(dir, "disk.qcow2")
+	if o, err := exec.Command("qemu-img", "convert", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
+		b.Fatalf("qemu-img convert: %v\n%s", err, o)
+	}
+	os.Remove(raw)
+	fi, err := os.Stat(img)
+	if err != nil {
+		b.Fatal(err)
+	}
+	objSize := fi.Size()
+
+	m := harness.StartMinIO(b)
+	m.MakeBucket(b, "bench")
+	m.MakePublic(b, "bench")
+	m.Upload(b, "bench", "disk.qcow2", img)
+	os.Remove(img)
+	cl := m.Client(b)
+	httpURL := m.URL("bench", "disk.qcow2")
+	qemuSrc := fmt.Sprintf(`json:{"driver":"qcow2","file":{"driver":"http","url":%q}}`, httpURL)
+
+	type peer struct {
+		name   string
+		env    []string
+		argv   []string
+		times  []time.Duration
+		stalls int
+	}
+	peers := []*peer{
+		{name: "snapfs cat -o FILE", env: m.Env(), argv: []string{snapfs, "cat", "s3://bench/disk.qcow2", "-o", "OUT"}},
+		{name: "qemu-img convert -O raw, http driver, -m 1", argv: []string{"qemu-img", "convert", "-m", "1", "-O", "raw", qemuSrc, "OUT"}},
+		{name: "qemu-img convert -O raw, http driver, default -m 8", argv: []string{"qemu-img", "convert", "-O", "raw", qemuSrc, "OUT"}},
+	}
+	var tLimit []time.Duration
+	b.ResetTimer()
+	for i := 0; i < 3*b.N; i++ {
+		tLimit = append(tLimit, parallelGets(b, cl, "bench", "disk.qcow2", objSize, 8<<20, 8))
+		for _, p := range peers {
+			dst := filepath.Join(out, "out.raw")
+			argv := append([]string(nil), p.argv...)
+			argv[len(argv)-1] = dst
+			d, stalled := runWatched(b, p.env, dst, argv[0], argv[1:]...)
+			os.Remove(dst)
+			if stalled {
+				p.stalls++
+			} else {
+				p.times = append(p.times, d)
+			}
+		}
+	}
+	b.StopTimer()
+	mbps := func(d time.Duration) float64 { return float64(objSize) / d.Seconds() / 1e6 }
+	ls := median(tLimit)
+	fmt.Printf("\ncat of a %d MiB QCOW2 object (%d MiB virtual, random data), MinIO on loopback, %d rounds, medians of the runs that finished:\n", objSize>>20, size>>20, len(tLimit))
+	fmt.Printf("| reader | time | MB/s of object | x limit | stalled runs |\n|---|---|---|---|---|\n")
+	fmt.Printf("| parallel ranged GETs (limit, 8 x 8 MiB) | %.2fs | %.0f | 1.00 | 0 |\n", ls.Seconds(), mbps(ls))
+	for _, p := range peers {
+		if len(p.times) == 0 {
+			fmt.Printf("| %s | - | - | - | %d |\n", p.name, p.stalls)
+			continue
+		}
+		d := median(p.times)
+		fmt.Printf("| %s | %.2fs | %.0f | %.2f | %d |\n", p.name, d.Seconds(), mbps(d), ls.Seconds()/d.Seconds(), p.stalls)
+	}
+	if s, q := peers[0], peers[1]; len(s.times) > 0 && len(q.times) > 0 {
+		r := median(q.times).Seconds() / median(s.times).Seconds()
+		fmt.Printf("snapfs cat throughput = %.2f x qemu-img convert (-m 1) from the same object\n", r)
+		b.ReportMetric(r, "snapfs/qemu")
+	}
+	if peers[0].stalls > 0 {
+		b.Errorf("snapfs cat stalled in %d runs", peers[0].stalls)
+	}
+}
