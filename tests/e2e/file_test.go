@@ -66,7 +66,7 @@ func TestFileCorpus(t *testing.T) {
 			if ref.check != im.Check {
 				t.Fatalf("qemu-img check exits %d, the image was made for %d", ref.check, im.Check)
 			}
-			res = snapfs(t, "check", url)
+			res = snapfs(t, "check", abs) // an absolute plain path
 			if res.code != ref.check {
 				t.Errorf("check exits %d, qemu-img check %d:\n%s\nstdout:\n%s", res.code, ref.check, res, res.stdout)
 			}
@@ -298,6 +298,12 @@ func compareInfo(t *testing.T, what string, got, want map[string]any) {
 				if fmt.Sprint(g[k]) != fmt.Sprint(w[k]) {
 					t.Errorf("info: %ssnapshot %d %s = %v, qemu-img says %v", what, i, k, g[k], w[k])
 				}
+			}
+			// qemu-img splits the VM clock in seconds and nanoseconds.
+			sec, _ := w["vm-clock-sec"].(float64)
+			nsec, _ := w["vm-clock-nsec"].(float64)
+			if v, ok := g["vm-clock-nsec"].(float64); !ok || int64(v) != int64(sec)*1e9+int64(nsec) {
+				t.Errorf("info: %ssnapshot %d vm-clock-nsec = %v, qemu-img says %vs %vns", what, i, g["vm-clock-nsec"], sec, nsec)
 			}
 		}
 	}

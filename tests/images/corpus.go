@@ -143,6 +143,12 @@ func Corpus(t testing.TB, dir string) []Image {
 	b.io("qcow2", "snapshot.qcow2", "write -P 0x71 0 1M", "write -z 2M 1M", "write -P 0x72 10M 64k")
 	b.run("qemu-img", "snapshot", "-c", "snap-two", "snapshot.qcow2")
 	b.io("qcow2", "snapshot.qcow2", "write -P 0x73 512k 1M", "write -z -u 10M 64k")
+	// qemu-img leaves the VM clock at 0; give the first snapshot one, as
+	// a savevm would (vm_clock_nsec is at byte 24 of a table entry).
+	b.edit("snapshot.qcow2", func(f []byte) []byte {
+		putU64(f, int(getU64(f, offSnapshotsOff))+24, 1234*1e9+567890123)
+		return f
+	})
 	serve("snapshot", "snapshot.qcow2")
 
 	// A 3-level backing chain with relative names, made from dir; sizes
