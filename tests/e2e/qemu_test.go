@@ -117,6 +117,7 @@ type segment struct {
 	class         class
 	depth         int
 	offset        int64 // host offset, -1 if not given
+	present       bool  // allocated (data or zero flag) in some layer
 }
 
 // qemuSegments normalizes qemu-img's map: data:true and zero:false is
@@ -126,7 +127,7 @@ type segment struct {
 func qemuSegments(m []mapEntry) []segment {
 	var out []segment
 	for _, e := range m {
-		s := segment{start: e.Start, length: e.Length, class: readsZero, depth: e.Depth, offset: -1}
+		s := segment{start: e.Start, length: e.Length, class: readsZero, depth: e.Depth, offset: -1, present: e.Present}
 		switch {
 		case e.Data && e.Zero:
 			s.class = either
@@ -146,7 +147,7 @@ func qemuSegments(m []mapEntry) []segment {
 func snapfsSegments(m []mapEntry) []segment {
 	var out []segment
 	for _, e := range m {
-		s := segment{start: e.Start, length: e.Length, class: readsZero, depth: e.Depth, offset: -1}
+		s := segment{start: e.Start, length: e.Length, class: readsZero, depth: e.Depth, offset: -1, present: e.Present}
 		if e.Data {
 			s.class = isData
 			if e.Offset != nil {
@@ -181,7 +182,8 @@ func checkCoverage(segs []segment, size int64) error {
 // compareMaps compares snapfs's map with qemu's byte range by byte range:
 // what qemu calls data must be data in snapfs, at the same depth and (when
 // both give one) the same host offset; what qemu calls zero must not be
-// data in snapfs. It returns at most a few differences.
+// data in snapfs; both must agree on what is present (allocated, or
+// flagged zero, in some layer). It returns at most a few differences.
 func compareMaps(q, s []segment) []string {
 	var diffs []string
 	i, j := 0, 0
@@ -197,6 +199,8 @@ func compareMaps(q, s []segment) []string {
 				diffs = append(diffs, fmt.Sprintf("[%d, %d): qemu says it reads as zero, snapfs says data (depth %d)", lo, hi, b.depth))
 			case a.class == isData && a.depth != b.depth:
 				diffs = append(diffs, fmt.Sprintf("[%d, %d): qemu says data at depth %d, snapfs at depth %d", lo, hi, a.depth, b.depth))
+			case a.present != b.present:
+				diffs = append(diffs, fmt.Sprintf("[%d, %d): qemu says present=%v, snapfs %v", lo, hi, a.present, b.present))
 			case a.class == isData && a.offset >= 0 && b.offset >= 0 && a.offset+(lo-a.start) != b.offset+(lo-b.start):
 				diffs = append(diffs, fmt.Sprintf("[%d, %d): qemu maps it to host offset %d, snapfs to %d", lo, hi, a.offset+(lo-a.start), b.offset+(lo-b.start)))
 			}
