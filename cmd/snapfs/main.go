@@ -53,6 +53,8 @@ func newApp() *cli.App {
 			checkCommand(),
 			catCommand(),
 			demoCommand(),
+			mountCommand(),
+			umountCommand(),
 		},
 	}
 }
