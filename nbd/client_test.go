@@ -38,6 +38,7 @@ type testClient struct {
 	size       uint64
 	flags      uint16
 
+	wmu     sync.Mutex // serializes send
 	mu      sync.Mutex
 	pending map[uint64]pendingReq // for simple read replies
 	partial map[uint64]*reply
@@ -363,6 +364,8 @@ func (c *testClient) send(typ, flags uint16, handle, off uint64, length uint32, 
 	be.PutUint64(h[8:], handle)
 	be.PutUint64(h[16:], off)
 	be.PutUint32(h[24:], length)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	c.bw.Write(h[:])
 	c.bw.Write(payload)
 	if err := c.bw.Flush(); err != nil {
@@ -430,9 +433,6 @@ func (c *testClient) chunk() (*reply, bool, error) {
 	r := c.partial[handle]
 	if r == nil {
 		r = &reply{handle: handle}
-		if p.typ == cmdRead {
-			r.data = make([]byte, p.length)
-		}
 		c.partial[handle] = r
 	}
 	c.mu.Unlock()
@@ -459,6 +459,9 @@ func (c *testClient) chunk() (*reply, bool, error) {
 		ch.off, ch.n = be.Uint64(payload), uint64(n-8)
 		if ch.off < p.off || ch.off+ch.n > p.off+uint64(p.length) {
 			return nil, false, fmt.Errorf("data chunk [%d,+%d) outside request [%d,+%d)", ch.off, ch.n, p.off, p.length)
+		}
+		if r.data == nil {
+			r.data = make([]byte, p.length)
 		}
 		copy(r.data[ch.off-p.off:], payload[8:])
 	case replyTypeOffsetHole:
@@ -518,6 +521,9 @@ func (c *testClient) chunk() (*reply, bool, error) {
 		}
 		if cov != uint64(p.length) {
 			return nil, false, fmt.Errorf("read [%d,+%d): chunks cover %d bytes", p.off, p.length, cov)
+		}
+		if r.data == nil { // all holes, or empty
+			r.data = make([]byte, p.length)
 		}
 	}
 	return r, true, nil

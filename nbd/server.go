@@ -422,9 +422,14 @@ func (c *conn) setReadDeadline(t time.Time) {
 	c.raw.SetReadDeadline(t)
 }
 
-// kill closes the socket at once and cancels the device calls.
+// kill closes the socket at once, dropping what the kernel still queues
+// for it (a reset, not a FIN, so a stuck client costs no buffers), and
+// cancels the device calls.
 func (c *conn) kill() {
 	c.cancel()
+	if tc, ok := c.raw.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
 	c.raw.Close()
 }
 

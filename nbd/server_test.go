@@ -59,7 +59,7 @@ func TestReadVariants(t *testing.T) {
 				t.Fatalf("flags %#x, want %#x", c.flags, wantFlags)
 			}
 			rng := rand.New(rand.NewPCG(2, 3))
-			for i := 0; i < 200; i++ {
+			for range 60 {
 				off := rng.Uint64N(testSize)
 				n := uint32(rng.Uint64N(min(testSize-off, 300000) + 1))
 				expectRead(t, c.read(off, n), want[off:off+uint64(n)], off)

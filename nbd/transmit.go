@@ -291,6 +291,12 @@ func (c *conn) work(r *request) {
 // fail logs a device error and answers r with it.
 func (c *conn) fail(r *request, err error) {
 	e := errno(err)
+	if c.ctx.Err() != nil {
+		// The connection is going away; nobody will read the reply.
+		c.log.Debug("nbd: request canceled", "req", cmdName(r.typ), "offset", r.off, "err", err)
+		c.replyErr(r, e, errnoText(e))
+		return
+	}
 	c.log.Warn("nbd: request failed", "req", cmdName(r.typ), "offset", r.off, "length", r.length, "errno", e, "err", err)
 	c.replyErr(r, e, errnoText(e))
 }
