@@ -532,6 +532,10 @@ func TestDeviceFaults(t *testing.T) {
 		if r := c.read(0, 10); r.errno != errIO {
 			t.Errorf("panicking read: errno %d", r.errno)
 		}
+		// Also when the data runs between holes are read in parallel.
+		if r := c.read(0, 1<<20); r.errno != errIO {
+			t.Errorf("panicking read of many runs: errno %d", r.errno)
+		}
 		dev.panicRead.Store(false)
 		expectRead(t, c.read(8192, 4096), want[8192:8192+4096], 8192)
 		c.disconnect()

@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 
 	"github.com/snapfs/snapfs/disk"
@@ -369,11 +371,11 @@ func (c *conn) read(r *request) {
 	defer putBuf(bp)
 	buf := *bp
 
-	readAt := func(p []byte, at int64) error {
+	readAt := func(ctx context.Context, p []byte, at int64) error {
 		if len(p) == 0 {
 			return nil
 		}
-		got, err := dev.ReadAt(c.ctx, p, at)
+		got, err := dev.ReadAt(ctx, p, at)
 		if err == nil && got != len(p) {
 			err = io.ErrUnexpectedEOF
 		}
@@ -384,7 +386,7 @@ func (c *conn) read(r *request) {
 	}
 
 	if !c.structured || r.flags&cmdFlagDF != 0 || n == 0 {
-		if err := readAt(buf, off); err != nil {
+		if err := readAt(c.ctx, buf, off); err != nil {
 			c.fail(r, err)
 			return
 		}
@@ -400,14 +402,37 @@ func (c *conn) read(r *request) {
 	} else {
 		spans = mergeZero(cover(exts, off, n))
 	}
+	// The data runs between holes are read in parallel: on a lazy device
+	// each may be a fetch from the object store.
+	var data []span
 	for _, s := range spans {
-		if s.zero {
-			continue
+		if !s.zero {
+			data = append(data, s)
 		}
-		if err := readAt(buf[s.off-off:s.off-off+s.n], s.off); err != nil {
-			c.fail(r, err)
-			return
+	}
+	if len(data) == 1 {
+		s := data[0]
+		err = readAt(c.ctx, buf[s.off-off:s.off-off+s.n], s.off)
+	} else if len(data) > 1 {
+		g, gctx := errgroup.WithContext(c.ctx)
+		g.SetLimit(maxReadsPerRequest)
+		for _, s := range data {
+			g.Go(func() (err error) {
+				// A panic here would escape the worker's recover.
+				defer func() {
+					if p := recover(); p != nil {
+						c.log.Error("nbd: panic in device read", "offset", s.off, "panic", p, "stack", stack())
+						err = fmt.Errorf("panic in device read: %v", p)
+					}
+				}()
+				return readAt(gctx, buf[s.off-off:s.off-off+s.n], s.off)
+			})
 		}
+		err = g.Wait()
+	}
+	if err != nil {
+		c.fail(r, err)
+		return
 	}
 	c.replyChunks(r, spans, buf, off)
 }
