@@ -594,3 +594,41 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 		t.Errorf("short shutdown: %v", err)
 	}
 }
+
+// TestServeConnContext: canceling ServeConn's context stops the connection
+// like Shutdown does: the request in flight is answered, then it closes.
+func TestServeConnContext(t *testing.T) {
+	t.Parallel()
+	dev := roDevice(testSize, 15)
+	dev.latency = 200 * time.Millisecond
+	s := newServer(t, dev)
+	l := listen(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		nc, err := l.Accept()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		s.ServeConn(ctx, nc)
+	}()
+	c := dialClient(t, l.Addr().String(), clientOpts{name: "disk", structured: true})
+	c.send(cmdRead, 0, 1, 4096, 8192, nil)
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	r, err := c.next()
+	if err != nil {
+		t.Fatalf("in-flight read lost: %v", err)
+	}
+	expectRead(t, r, dev.snapshot()[4096:4096+8192], 4096)
+	if _, err := c.next(); err == nil {
+		t.Error("connection open after its context was canceled")
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServeConn did not return")
+	}
+}
