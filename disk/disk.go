@@ -1,0 +1,283 @@
+package disk
+
+// The lazy read-only Device over a QCOW2 image: options, construction and
+// the methods other than ReadAt (read.go).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/objstore"
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+// Image is what a Disk needs of an image; *qcow2.Image implements it.
+type Image interface {
+	Size() int64
+	ClusterSize() int64
+	// ReadAtContext fills p with the guest bytes at off; it reads only
+	// allocated clusters from the store.
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+	// Map describes [off, off+length) without reading data.
+	Map(ctx context.Context, off, length int64) ([]qcow2.Extent, error)
+}
+
+var _ Image = (*qcow2.Image)(nil)
+
+// Defaults of Options.
+const (
+	// DefaultMinFetch is the least a demand fetch reads. Measured by
+	// BenchmarkRandomRead and BenchmarkSequential (bench_test.go) on
+	// loopback MinIO; see the comment there for the numbers.
+	DefaultMinFetch = 256 << 10
+	// DefaultMaxWindow caps the fetch window of a sequential stream.
+	DefaultMaxWindow = 16 << 20
+	// DefaultMaxInFlight bounds the fetches under way per disk.
+	DefaultMaxInFlight = 16
+	// minBlockSize is the least default block size.
+	minBlockSize = 64 << 10
+	// maxBlocks bounds the block count so that a block index fits in the
+	// 40 low bits of a cache key.
+	maxBlocks = 1 << 40
+)
+
+// Options tune a Disk. The zero value is usable.
+type Options struct {
+	// Cache is the memory tier, which may be shared by several disks; nil
+	// means none (then every read is fetched, and nothing is read ahead).
+	Cache *cache.Memory
+	// BlockSize is the cache granularity in guest bytes, a power of two
+	// of at least 512. Zero means max(cluster size, 64 KiB).
+	BlockSize int64
+	// MinFetch is the least a demand fetch reads (aligned to itself and
+	// rounded up to whole blocks). Zero means DefaultMinFetch.
+	MinFetch int64
+	// MaxWindow caps the window of a sequential stream, which doubles on
+	// each fetch from MinFetch up to MaxWindow. Zero means DefaultMaxWindow.
+	MaxWindow int64
+	// MaxInFlight bounds the fetches under way. Zero means DefaultMaxInFlight.
+	MaxInFlight int
+	// Stats receives the counters; it may be shared by several disks.
+	// Nil means a private one.
+	Stats *Stats
+	// Metrics, when given, are the counters of the store under the image
+	// (objstore.WithMetrics); Disk.Stats then reports its GETs.
+	Metrics *objstore.Metrics
+}
+
+// Disk is a read-only Device that serves an Image lazily: blocks are
+// fetched on demand, kept in the memory tier, and fetched once however
+// many readers want them at the same time. Zero and unallocated ranges
+// are never fetched.
+type Disk struct {
+	im      Image
+	closeIm func() error // set by Open, which owns the image
+
+	size     int64
+	bs       int64 // block size
+	shift    uint  // log2(bs)
+	nblocks  int64
+	minFetch int64
+	maxWin   int64
+
+	cache   *cache.Memory
+	id      uint64 // tags this disk's cache entries
+	keyBase uint64
+
+	stats   *Stats
+	metrics *objstore.Metrics
+	sem     chan struct{}
+	streams streamTable
+
+	ctx    context.Context // cancelled by Close; fetches run under it
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // fetch and read-ahead goroutines
+
+	mu       sync.Mutex
+	closed   atomic.Bool       // set under mu
+	inflight map[int64]*flight // block index -> the fetch bringing it; under mu
+}
+
+var _ Device = (*Disk)(nil)
+
+// diskIDs numbers disks, for their cache keys and tags.
+var diskIDs atomic.Uint64
+
+// errClosed is returned by the methods of a closed Disk.
+var errClosed = fmt.Errorf("disk: %w", os.ErrClosed)
+
+// New serves im. The Disk does not close im.
+func New(im Image, opts Options) (*Disk, error) {
+	size := im.Size()
+	if size < 0 {
+		return nil, errors.New("disk: negative image size")
+	}
+	bs := opts.BlockSize
+	if bs == 0 {
+		bs = max(im.ClusterSize(), minBlockSize)
+	}
+	if bs < 512 || bs&(bs-1) != 0 {
+		return nil, fmt.Errorf("disk: block size %d is not a power of two of at least 512", bs)
+	}
+	nblocks := (size + bs - 1) / bs
+	if nblocks > maxBlocks {
+		return nil, fmt.Errorf("disk: %d-byte blocks are too small for a %d-byte disk", bs, size)
+	}
+	roundUp := func(v int64) int64 { return max(bs, (v+bs-1)/bs*bs) }
+	minFetch := opts.MinFetch
+	if minFetch <= 0 {
+		minFetch = DefaultMinFetch
+	}
+	minFetch = roundUp(minFetch)
+	maxWin := opts.MaxWindow
+	if maxWin <= 0 {
+		maxWin = DefaultMaxWindow
+	}
+	maxWin = max(roundUp(maxWin), minFetch)
+	inFlight := opts.MaxInFlight
+	if inFlight <= 0 {
+		inFlight = DefaultMaxInFlight
+	}
+	stats := opts.Stats
+	if stats == nil {
+		stats = new(Stats)
+	}
+	id := diskIDs.Add(1)
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &Disk{
+		im:       im,
+		size:     size,
+		bs:       bs,
+		shift:    uint(bits.TrailingZeros64(uint64(bs))),
+		nblocks:  nblocks,
+		minFetch: minFetch,
+		maxWin:   maxWin,
+		cache:    opts.Cache,
+		id:       id,
+		keyBase:  (id & (1<<24 - 1)) << 40,
+		stats:    stats,
+		metrics:  opts.Metrics,
+		sem:      make(chan struct{}, inFlight),
+		ctx:      ctx,
+		cancel:   cancel,
+		inflight: make(map[int64]*flight),
+	}
+	d.streams.init(minFetch)
+	return d, nil
+}
+
+// Open opens the QCOW2 image key of st (see qcow2.Open; qopts may be nil)
+// and serves it. Close closes the image too.
+func Open(ctx context.Context, st objstore.Store, key string, qopts *qcow2.Options, opts Options) (*Disk, error) {
+	im, err := qcow2.Open(ctx, st, key, qopts)
+	if err != nil {
+		return nil, err
+	}
+	d, err := New(im, opts)
+	if err != nil {
+		im.Close()
+		return nil, err
+	}
+	d.closeIm = im.Close
+	return d, nil
+}
+
+// Size returns the virtual size in bytes.
+func (d *Disk) Size() int64 { return d.size }
+
+// BlockSize returns the cache granularity in bytes.
+func (d *Disk) BlockSize() int64 { return d.bs }
+
+// MinFetch returns the least bytes a demand fetch reads.
+func (d *Disk) MinFetch() int64 { return d.minFetch }
+
+// ReadOnly reports true.
+func (d *Disk) ReadOnly() bool { return true }
+
+// WriteAt fails with ErrReadOnly.
+func (d *Disk) WriteAt(ctx context.Context, p []byte, off int64) (int, error) {
+	return 0, fmt.Errorf("disk: write of %d bytes at %d: %w", len(p), off, ErrReadOnly)
+}
+
+// Trim fails with ErrReadOnly.
+func (d *Disk) Trim(ctx context.Context, off, n int64) error {
+	return fmt.Errorf("disk: trim of %d bytes at %d: %w", n, off, ErrReadOnly)
+}
+
+// WriteZeroes fails with ErrReadOnly.
+func (d *Disk) WriteZeroes(ctx context.Context, off, n int64) error {
+	return fmt.Errorf("disk: write zeroes of %d bytes at %d: %w", n, off, ErrReadOnly)
+}
+
+// Flush does nothing: there are no writes.
+func (d *Disk) Flush(ctx context.Context) error { return nil }
+
+// Close cancels the fetches under way, waits for them, and closes the
+// image when Open opened it. Methods called after Close fail.
+func (d *Disk) Close() error {
+	d.mu.Lock()
+	if d.closed.Load() {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed.Store(true)
+	d.mu.Unlock()
+	d.cancel()
+	d.wg.Wait()
+	if d.closeIm != nil {
+		return d.closeIm()
+	}
+	return nil
+}
+
+// checkRange fails with ErrOutOfRange unless [off, off+n) lies in the disk.
+func (d *Disk) checkRange(op string, off, n int64) error {
+	if off < 0 || n < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("disk: %s of %d bytes at %d on a %d-byte disk: %w", op, n, off, d.size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// Extents describes [off, off+n) from the image's map: data and
+// compressed ranges are data; zero and unallocated ranges are holes that
+// read as zeros (as qemu-nbd reports qcow2 zero clusters). Adjacent
+// extents with the same flags are merged.
+func (d *Disk) Extents(ctx context.Context, off, n int64) ([]Extent, error) {
+	if err := d.checkRange("extents", off, n); err != nil {
+		return nil, err
+	}
+	if d.closed.Load() {
+		return nil, errClosed
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	ext, err := d.im.Map(ctx, off, n)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Extent, 0, len(ext))
+	pos := off
+	for _, e := range ext {
+		if e.Start != pos || e.Length <= 0 {
+			return nil, fmt.Errorf("disk: image map has a gap or overlap at %d", pos)
+		}
+		hole := e.Kind == qcow2.Zero || e.Kind == qcow2.Unallocated
+		if k := len(out); k > 0 && out[k-1].Hole == hole {
+			out[k-1].Length += e.Length
+		} else {
+			out = append(out, Extent{Offset: e.Start, Length: e.Length, Hole: hole, Zero: hole})
+		}
+		pos += e.Length
+	}
+	if pos != off+n {
+		return nil, fmt.Errorf("disk: image map ends at %d, not %d", pos, off+n)
+	}
+	return out, nil
+}

@@ -1,0 +1,286 @@
+package disk
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+// fakeImage is an Image whose byte at offset i is pattern(i), with holes
+// where data says so; it records its reads.
+type fakeImage struct {
+	size, cluster int64
+	holes         [][2]int64 // [start, end) ranges that are unallocated
+
+	mu    sync.Mutex
+	reads [][2]int64 // [off, len) of each ReadAtContext
+}
+
+func pattern(i int64) byte { return byte(i*2654435761>>13) | 1 }
+
+func (f *fakeImage) Size() int64        { return f.size }
+func (f *fakeImage) ClusterSize() int64 { return f.cluster }
+
+func (f *fakeImage) inHole(i int64) bool {
+	for _, h := range f.holes {
+		if i >= h[0] && i < h[1] {
+			return true
+		}
+	}
+	return false
+}
+
+func (f *fakeImage) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	f.mu.Lock()
+	f.reads = append(f.reads, [2]int64{off, int64(len(p))})
+	f.mu.Unlock()
+	for i := range p {
+		if f.inHole(off + int64(i)) {
+			p[i] = 0
+		} else {
+			p[i] = pattern(off + int64(i))
+		}
+	}
+	return len(p), nil
+}
+
+func (f *fakeImage) Map(ctx context.Context, off, length int64) ([]qcow2.Extent, error) {
+	var out []qcow2.Extent
+	end := min(off+length, f.size)
+	for pos := off; pos < end; {
+		kind := qcow2.Data
+		next := end
+		for _, h := range f.holes {
+			switch {
+			case pos >= h[0] && pos < h[1]:
+				kind, next = qcow2.Unallocated, min(next, h[1])
+			case h[0] > pos:
+				next = min(next, h[0])
+			}
+		}
+		if kind == qcow2.Unallocated {
+			next = end
+			for _, h := range f.holes {
+				if pos >= h[0] && pos < h[1] {
+					next = min(end, h[1])
+				}
+			}
+		}
+		out = append(out, qcow2.Extent{Start: pos, Length: next - pos, Kind: kind})
+		pos = next
+	}
+	return out, nil
+}
+
+func (f *fakeImage) takeReads() [][2]int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	r := f.reads
+	f.reads = nil
+	return r
+}
+
+func fakeDisk(t *testing.T, f *fakeImage, opts Options) *Disk {
+	t.Helper()
+	if opts.Cache == nil {
+		c, err := cache.NewMemory(256 << 20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		opts.Cache = c
+	}
+	d, err := New(f, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+// settle waits until no fetch is under way (their blocks are then in the
+// cache, unless refused).
+func settle(d *Disk) {
+	for {
+		d.mu.Lock()
+		n := len(d.inflight)
+		d.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func checkPattern(t *testing.T, f *fakeImage, p []byte, off int64) {
+	t.Helper()
+	for i := range p {
+		want := pattern(off + int64(i))
+		if f.inHole(off + int64(i)) {
+			want = 0
+		}
+		if p[i] != want {
+			t.Fatalf("byte %d: %#x, want %#x", off+int64(i), p[i], want)
+		}
+	}
+}
+
+// A random small read fetches the MinFetch-aligned range around it.
+func TestMinFetchAligned(t *testing.T) {
+	f := &fakeImage{size: 64 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{MinFetch: 1 * mib})
+	p := make([]byte, 4096)
+	if _, err := d.ReadAt(context.Background(), p, 5*mib+300000); err != nil {
+		t.Fatal(err)
+	}
+	checkPattern(t, f, p, 5*mib+300000)
+	if r := f.takeReads(); len(r) != 1 || r[0] != [2]int64{5 * mib, 1 * mib} {
+		t.Fatalf("reads %v, want one of 1 MiB at 5 MiB", r)
+	}
+	// The rest of that MiB is cached.
+	if _, err := d.ReadAt(context.Background(), p, 6*mib-4096); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.takeReads(); len(r) != 0 {
+		t.Fatalf("reads %v inside a fetched range", r)
+	}
+}
+
+// The widening of a fetch stops at holes, at cached blocks and at the
+// device's end.
+func TestFetchClippedToData(t *testing.T) {
+	const bs = 64 << 10
+	f := &fakeImage{size: 8*mib + 1000, cluster: bs, holes: [][2]int64{{1*mib + 2*bs, 1*mib + 3*bs}, {2 * mib, 2*mib + 5*bs}}}
+	d := fakeDisk(t, f, Options{MinFetch: 1 * mib})
+	ctx := context.Background()
+	p := make([]byte, 100)
+	read := func(off int64) [][2]int64 {
+		t.Helper()
+		if _, err := d.ReadAt(ctx, p, off); err != nil {
+			t.Fatal(err)
+		}
+		checkPattern(t, f, p, off)
+		return f.takeReads()
+	}
+	// Block 1M+4bs: the widening goes down to the hole at 1M+2bs and up
+	// to 2M.
+	if r := read(1*mib + 4*bs + 7); fmt.Sprint(r) != fmt.Sprint([][2]int64{{1*mib + 3*bs, 1*mib - 3*bs}}) {
+		t.Fatalf("reads %v", r)
+	}
+	// Block 1M+bs: down to 1M, up to the hole.
+	if r := read(1*mib + bs); fmt.Sprint(r) != fmt.Sprint([][2]int64{{1 * mib, 2 * bs}}) {
+		t.Fatalf("reads %v", r)
+	}
+	// Block 2M+6bs: down to the hole's end.
+	if r := read(2*mib + 6*bs); fmt.Sprint(r) != fmt.Sprint([][2]int64{{2*mib + 5*bs, 1*mib - 5*bs}}) {
+		t.Fatalf("reads %v", r)
+	}
+	// The last, partial block.
+	if r := read(8*mib + 900); fmt.Sprint(r) != fmt.Sprint([][2]int64{{8 * mib, 1000}}) {
+		t.Fatalf("reads %v", r)
+	}
+	// Holes are not read.
+	if r := read(2*mib + 10); len(r) != 0 {
+		t.Fatalf("reads %v for a hole", r)
+	}
+	// Between cached blocks only the missing ones are read.
+	if r := read(7 * mib); len(r) != 1 {
+		t.Fatalf("reads %v", r)
+	}
+	settle(d)
+	d.cache.Del(d.keyBase | uint64((7*mib+3*bs)/bs))
+	d.cache.Wait()
+	if r := read(7*mib + 3*bs); fmt.Sprint(r) != fmt.Sprint([][2]int64{{7*mib + 3*bs, bs}}) {
+		t.Fatalf("reads %v, want the one evicted block", r)
+	}
+}
+
+// A request larger than the window is split into parallel fetches of the
+// window's size.
+func TestLargeRequestSplit(t *testing.T) {
+	f := &fakeImage{size: 64 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{MinFetch: 1 * mib})
+	p := make([]byte, 4*mib)
+	if _, err := d.ReadAt(context.Background(), p, 8*mib); err != nil {
+		t.Fatal(err)
+	}
+	checkPattern(t, f, p, 8*mib)
+	if r := f.takeReads(); len(r) != 4 {
+		t.Fatalf("reads %v, want 4 of 1 MiB", r)
+	}
+}
+
+// Sequential 4 KiB reads: the fetches double from MinFetch up to
+// MaxWindow, ahead of the reader.
+func TestWindowDoubling(t *testing.T) {
+	f := &fakeImage{size: 64 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	p := make([]byte, 4096)
+	for off := int64(0); off < f.size; off += 4096 {
+		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+			t.Fatal(err)
+		}
+		if off%(1*mib) == 0 {
+			checkPattern(t, f, p, off)
+		}
+	}
+	r := f.takeReads()
+	var sizes []int64
+	pos := int64(0)
+	for _, x := range r {
+		sizes = append(sizes, x[1]>>10)
+		if x[0] != pos {
+			t.Errorf("fetch at %d, expected %d: %v", x[0], pos, r)
+		}
+		pos = x[0] + x[1]
+	}
+	t.Logf("fetch sizes (KiB): %v", sizes)
+	// 256K, 512K, 1M, 2M, then 4M windows.
+	if pos != f.size || len(r) > 4+(64-4)/4+1 {
+		t.Fatalf("fetches %v", r)
+	}
+}
+
+// Bytes copied from fetches and from the cache agree for requests that
+// straddle blocks and fetches.
+func TestFakeUnaligned(t *testing.T) {
+	f := &fakeImage{size: 16*mib + 512, cluster: 4096, holes: [][2]int64{{3 * mib, 3*mib + 100000}}}
+	d := fakeDisk(t, f, Options{BlockSize: 64 << 10, MinFetch: 128 << 10})
+	for _, r := range [][2]int64{{0, 1}, {65535, 2}, {3*mib - 7, 200000}, {16*mib - 5, 517}, {1, 5 * mib}} {
+		p := bytes.Repeat([]byte{0xee}, int(r[1]))
+		if _, err := d.ReadAt(context.Background(), p, r[0]); err != nil {
+			t.Fatal(err)
+		}
+		checkPattern(t, f, p, r[0])
+	}
+}
+
+func TestNewOptions(t *testing.T) {
+	f := &fakeImage{size: 10 * mib, cluster: 2 * mib}
+	d, err := New(f, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.BlockSize() != 2*mib || d.MinFetch() != 2*mib {
+		t.Fatalf("block %d minFetch %d, want 2 MiB (the cluster) for both", d.BlockSize(), d.MinFetch())
+	}
+	d.Close()
+	f.cluster = 512
+	d, err = New(f, Options{MinFetch: 100000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.BlockSize() != 64<<10 || d.MinFetch() != 128<<10 {
+		t.Fatalf("block %d minFetch %d, want 64 KiB and 128 KiB", d.BlockSize(), d.MinFetch())
+	}
+	d.Close()
+	if _, err := New(f, Options{BlockSize: 3000}); err == nil {
+		t.Fatal("block size 3000 accepted")
+	}
+}

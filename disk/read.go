@@ -1,0 +1,476 @@
+package disk
+
+// The read path: cache lookups, holes, demand fetches rounded up to
+// MinFetch or to a sequential stream's window, fetches shared by
+// concurrent readers, read-ahead, and Prefetch.
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"sync/atomic"
+
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+// tagLen is the length of the tag after a block's bytes in the cache: the
+// id of the disk that stored it, so that a key reused by a later disk
+// (ids wrap after 2^24 disks) is a miss, never another disk's data.
+const tagLen = 8
+
+// flight is one fetch of the blocks [start, start+n) with a single image
+// read into a pooled buffer. Readers needing one of its blocks wait for
+// done and copy from buf. refs counts those readers and the fetch
+// goroutine; the last to leave returns buf to its pool.
+type flight struct {
+	start, n int64 // blocks
+	off, len int64 // guest bytes
+	ahead    bool  // read ahead: nobody asked for it yet
+	done     chan struct{}
+	buf      *[]byte // set before done is closed, when err is nil
+	err      error   // set before done is closed
+	refs     atomic.Int32
+}
+
+func (d *Disk) release(f *flight) {
+	if f.refs.Add(-1) == 0 && f.buf != nil {
+		putBuf(f.buf)
+		f.buf = nil
+	}
+}
+
+func (d *Disk) blockLen(b int64) int64 { return min(d.bs, d.size-b<<d.shift) }
+
+// lookup returns block b from the memory tier.
+func (d *Disk) lookup(b int64) ([]byte, bool) {
+	if d.cache == nil {
+		return nil, false
+	}
+	v, ok := d.cache.Get(d.keyBase | uint64(b))
+	bl := d.blockLen(b)
+	if !ok || int64(len(v)) != bl+tagLen || binary.LittleEndian.Uint64(v[bl:]) != d.id {
+		return nil, false
+	}
+	return v[:bl], true
+}
+
+// cached reports whether block b is in the memory tier, without counting.
+func (d *Disk) cached(b int64) bool {
+	return d.cache != nil && d.cache.Has(d.keyBase|uint64(b))
+}
+
+// overlapCopy copies into p (guest offset off) the part of src (guest
+// offset srcOff) that overlaps it.
+func overlapCopy(p []byte, off int64, src []byte, srcOff int64) {
+	lo, hi := max(off, srcOff), min(off+int64(len(p)), srcOff+int64(len(src)))
+	if lo < hi {
+		copy(p[lo-off:hi-off], src[lo-srcOff:hi-srcOff])
+	}
+}
+
+// ReadAt fills p from offset off. Cached blocks are copied, zero and
+// unallocated blocks are cleared, and the other blocks are fetched (or
+// taken from a fetch under way). A failed fetch fails the read with the
+// image's error; the next read of the range fetches again.
+func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n := int64(len(p))
+	if err := d.checkRange("read", off, n); err != nil {
+		return 0, err
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	if d.closed.Load() {
+		return 0, errClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	end := off + n
+	b0, b1 := off>>d.shift, (end-1)>>d.shift+1
+	var h hint
+	if d.cache != nil {
+		h = d.streams.note(off, end, d.bs)
+	}
+	var stack [16]int64
+	missing := stack[:0]
+	for b := b0; b < b1; b++ {
+		if v, ok := d.lookup(b); ok {
+			overlapCopy(p, off, v, b<<d.shift)
+			continue
+		}
+		missing = append(missing, b)
+	}
+	if hits := b1 - b0 - int64(len(missing)); hits > 0 {
+		d.stats.Hits.Add(hits)
+	}
+	if len(missing) > 0 {
+		if err := d.load(ctx, p, off, missing, h); err != nil {
+			return 0, err
+		}
+	}
+	if d.cache != nil {
+		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin); ok {
+			d.readahead(lo, hi)
+		}
+	}
+	return int(n), nil
+}
+
+// load fills the parts of p (at off) in the blocks missing (ascending,
+// not cached): holes are cleared, the rest is fetched. With a memory tier
+// the fetch is widened: to the MinFetch-aligned range around the blocks,
+// or, for a sequential stream, to its (doubled) window.
+func (d *Disk) load(ctx context.Context, p []byte, off int64, missing []int64, h hint) error {
+	lo, hi := missing[0], missing[len(missing)-1]+1
+	extLo, extHi, piece := lo, hi, d.maxWin
+	if d.cache != nil {
+		if h.seq {
+			piece = min(2*d.streams.window(h), d.maxWin)
+			extHi = max(hi, lo+piece>>d.shift)
+		} else {
+			piece = d.minFetch
+			mf := d.minFetch >> d.shift
+			extLo, extHi = lo/mf*mf, (hi+mf-1)/mf*mf
+		}
+		extHi = min(extHi, d.nblocks)
+	}
+	alloc, err := d.allocated(ctx, extLo, extHi)
+	if err != nil {
+		return err
+	}
+	need := missing[:0]
+	var zero int64
+	end := off + int64(len(p))
+	for _, b := range missing {
+		if alloc[b-extLo] {
+			need = append(need, b)
+			continue
+		}
+		s := max(off, b<<d.shift)
+		e := min(end, b<<d.shift+d.blockLen(b))
+		clear(p[s-off : e-off])
+		zero += e - s
+	}
+	if zero > 0 {
+		d.stats.ZeroBytes.Add(zero)
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	d.mu.Lock()
+	if d.closed.Load() {
+		d.mu.Unlock()
+		return errClosed
+	}
+	own, joined, late := d.claimLocked(need, alloc, extLo, extHi, piece>>d.shift, forRead)
+	d.mu.Unlock()
+	for _, c := range late {
+		overlapCopy(p, off, c.data, c.b<<d.shift)
+	}
+	if len(late) > 0 {
+		d.stats.Hits.Add(int64(len(late)))
+	}
+	d.stats.Misses.Add(int64(len(need) - len(late)))
+	if d.cache != nil && len(own) > 0 {
+		// Only a new fetch widens the stream's window: readers joining
+		// fetches under way do not.
+		d.streams.fetched(h, piece, min(extHi<<d.shift, d.size))
+	}
+	d.launch(own)
+	return d.wait(ctx, p, off, own, joined)
+}
+
+// allocated returns, for each block of [b0, b1), whether it holds data
+// (data or compressed clusters anywhere in the chain).
+func (d *Disk) allocated(ctx context.Context, b0, b1 int64) ([]bool, error) {
+	alloc := make([]bool, b1-b0)
+	start := b0 << d.shift
+	ext, err := d.im.Map(ctx, start, min(b1<<d.shift, d.size)-start)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range ext {
+		if e.Kind != qcow2.Data && e.Kind != qcow2.Compressed || e.Length <= 0 {
+			continue
+		}
+		first := max(e.Start>>d.shift, b0)
+		last := min((e.Start+e.Length-1)>>d.shift, b1-1)
+		for b := first; b <= last; b++ {
+			alloc[b-b0] = true
+		}
+	}
+	return alloc, nil
+}
+
+// cachedBlock is a block found in the cache by claimLocked.
+type cachedBlock struct {
+	b    int64
+	data []byte
+}
+
+// Who claims blocks.
+type claimMode int
+
+const (
+	forRead     claimMode = iota // a reader: joins fetches, takes late cached blocks
+	forPrefetch                  // Prefetch: joins fetches, skips cached blocks
+	forAhead                     // read-ahead: skips cached blocks and fetches under way
+)
+
+// claimLocked, with d.mu held, sorts the blocks of need (ascending, with
+// data) into fetches under way, which the caller joins unless forAhead;
+// blocks cached since the caller looked (a fetch ended meanwhile), which
+// are returned in late forRead and skipped otherwise; and runs of free
+// blocks, for which it creates and registers flights of at most
+// pieceBlocks blocks. The first run is widened down to extLo and the last
+// up to extHi over blocks that have data (alloc, indexed from extLo) and
+// are neither cached nor being fetched. The caller must launch own and,
+// unless forAhead, wait for own and joined.
+func (d *Disk) claimLocked(need []int64, alloc []bool, extLo, extHi, pieceBlocks int64, mode claimMode) (own, joined []*flight, late []cachedBlock) {
+	type run struct{ lo, hi int64 }
+	var runs []run
+	var shared int64
+	for _, b := range need {
+		if mode == forRead {
+			if v, ok := d.lookup(b); ok {
+				late = append(late, cachedBlock{b, v})
+				continue
+			}
+		} else if d.cached(b) {
+			continue
+		}
+		if f := d.inflight[b]; f != nil {
+			if mode != forAhead {
+				shared++
+				if k := len(joined); k == 0 || joined[k-1] != f {
+					f.refs.Add(1)
+					joined = append(joined, f)
+				}
+			}
+			continue
+		}
+		if k := len(runs); k > 0 && runs[k-1].hi == b {
+			runs[k-1].hi++
+		} else {
+			runs = append(runs, run{b, b + 1})
+		}
+	}
+	if shared > 0 {
+		d.stats.Shared.Add(shared)
+	}
+	if len(runs) == 0 {
+		return nil, joined, late
+	}
+	free := func(b int64) bool {
+		return alloc[b-extLo] && d.inflight[b] == nil && !d.cached(b)
+	}
+	for r := &runs[0]; r.lo > extLo && free(r.lo-1); {
+		r.lo--
+	}
+	for r := &runs[len(runs)-1]; r.hi < extHi && free(r.hi); {
+		r.hi++
+	}
+	refs := int32(2) // the fetch goroutine and the caller
+	ahead := mode == forAhead
+	if ahead {
+		refs = 1
+	}
+	for _, r := range runs {
+		for s := r.lo; s < r.hi; s += pieceBlocks {
+			e := min(s+pieceBlocks, r.hi)
+			off := s << d.shift
+			f := &flight{start: s, n: e - s, off: off, len: min(e<<d.shift, d.size) - off, ahead: ahead, done: make(chan struct{})}
+			f.refs.Store(refs)
+			for b := s; b < e; b++ {
+				d.inflight[b] = f
+			}
+			d.wg.Add(1)
+			own = append(own, f)
+		}
+	}
+	return own, joined, late
+}
+
+// launch starts the fetches of own.
+func (d *Disk) launch(own []*flight) {
+	for _, f := range own {
+		go d.run(f)
+	}
+}
+
+// wait waits for the flights, copies what overlaps p (at off) when p is
+// not nil, and leaves them. It returns the first fetch error, or the
+// context's error as soon as ctx is done (the fetches go on and fill the
+// cache).
+func (d *Disk) wait(ctx context.Context, p []byte, off int64, lists ...[]*flight) error {
+	var first error
+	for i, fs := range lists {
+		for j, f := range fs {
+			select {
+			case <-f.done:
+			case <-ctx.Done():
+				for _, g := range fs[j:] {
+					d.release(g)
+				}
+				for _, rest := range lists[i+1:] {
+					for _, g := range rest {
+						d.release(g)
+					}
+				}
+				return ctx.Err()
+			}
+			if f.err != nil {
+				if first == nil {
+					first = f.err
+				}
+			} else if p != nil {
+				overlapCopy(p, off, *f.buf, f.off)
+			}
+			d.release(f)
+		}
+	}
+	return first
+}
+
+// run performs the fetch of f, publishes its result to the waiting
+// readers and the memory tier, and unregisters it.
+func (d *Disk) run(f *flight) {
+	defer d.wg.Done()
+	if err := d.fetch(f); err != nil {
+		d.stats.FetchErrors.Add(1)
+		f.err = err
+		// Unregister first: readers from now on fetch again.
+		d.unregister(f)
+		close(f.done)
+		d.release(f)
+		return
+	}
+	close(f.done)
+	if d.cache != nil {
+		buf := *f.buf
+		for i := range f.n {
+			b := f.start + i
+			bl := d.blockLen(b)
+			v := make([]byte, bl+tagLen)
+			copy(v, buf[i<<d.shift:])
+			binary.LittleEndian.PutUint64(v[bl:], d.id)
+			d.cache.Set(d.keyBase|uint64(b), v)
+		}
+		// Make the blocks visible to Get before the flight disappears, so
+		// that a reader arriving now finds them (unless refused).
+		d.cache.Wait()
+	}
+	d.unregister(f)
+	d.release(f)
+}
+
+func (d *Disk) unregister(f *flight) {
+	d.mu.Lock()
+	for b := f.start; b < f.start+f.n; b++ {
+		if d.inflight[b] == f {
+			delete(d.inflight, b)
+		}
+	}
+	d.mu.Unlock()
+}
+
+// fetch reads f's range from the image, at most cap(d.sem) at a time.
+func (d *Disk) fetch(f *flight) error {
+	select {
+	case d.sem <- struct{}{}:
+	case <-d.ctx.Done():
+		return errClosed
+	}
+	defer func() { <-d.sem }()
+	d.stats.InFlight.Add(1)
+	defer d.stats.InFlight.Add(-1)
+	d.stats.Fetches.Add(1)
+	bp := getBuf(int(f.len))
+	n, err := d.im.ReadAtContext(d.ctx, *bp, f.off)
+	if int64(n) == f.len && err == io.EOF {
+		err = nil
+	}
+	if err == nil && int64(n) < f.len {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		putBuf(bp)
+		return err
+	}
+	f.buf = bp
+	d.stats.BytesFetched.Add(f.len)
+	if f.ahead {
+		d.stats.ReadaheadBytes.Add(f.len)
+	}
+	return nil
+}
+
+// readahead starts fetching the blocks with data of [lo, hi) that are
+// neither cached nor being fetched. The blocks are claimed before it
+// returns, so that the reader's next requests join these fetches instead
+// of starting their own.
+func (d *Disk) readahead(lo, hi int64) {
+	b0, b1 := lo>>d.shift, (hi-1)>>d.shift+1
+	d.fill(d.ctx, b0, b1, b1-b0, true)
+}
+
+// fill fetches the blocks with data of [b0, b1) that are not cached, in
+// pieces of at most pieceBlocks, and with ahead unset waits for them
+// (joining fetches under way).
+func (d *Disk) fill(ctx context.Context, b0, b1, pieceBlocks int64, ahead bool) error {
+	alloc, err := d.allocated(ctx, b0, b1)
+	if err != nil {
+		return err
+	}
+	var need []int64
+	for b := b0; b < b1; b++ {
+		if alloc[b-b0] && !d.cached(b) {
+			need = append(need, b)
+		}
+	}
+	if len(need) == 0 {
+		return nil
+	}
+	d.mu.Lock()
+	if d.closed.Load() {
+		d.mu.Unlock()
+		return errClosed
+	}
+	mode := forPrefetch
+	if ahead {
+		mode = forAhead
+	}
+	own, joined, _ := d.claimLocked(need, alloc, b0, b1, pieceBlocks, mode)
+	d.mu.Unlock()
+	d.launch(own)
+	if ahead {
+		return nil
+	}
+	return d.wait(ctx, nil, 0, own, joined)
+}
+
+// Prefetch brings the blocks with data of [off, off+n) into the memory
+// tier and returns when they are there (or were refused by it). Without a
+// memory tier it does nothing.
+func (d *Disk) Prefetch(ctx context.Context, off, n int64) error {
+	if err := d.checkRange("prefetch", off, n); err != nil {
+		return err
+	}
+	if d.closed.Load() {
+		return errClosed
+	}
+	if n == 0 || d.cache == nil {
+		return nil
+	}
+	b0, b1 := off>>d.shift, (off+n-1)>>d.shift+1
+	piece := d.maxWin >> d.shift
+	// Claim a bounded number of blocks at a time.
+	chunk := piece * int64(cap(d.sem))
+	for c0 := b0; c0 < b1; c0 += chunk {
+		if err := d.fill(ctx, c0, min(c0+chunk, b1), piece, false); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,122 @@
+package disk
+
+import "sync"
+
+// nStreams is how many interleaved sequential readers a disk tells apart.
+const nStreams = 8
+
+// stream is one reader's sequential run as the detector sees it.
+type stream struct {
+	gen    uint64 // identifies the stream holding the slot (0: free)
+	next   int64  // end of the stream's requests so far
+	ahead  int64  // end of what was fetched for it, or is being fetched
+	window int64  // current fetch window
+	used   uint64 // clock of the last request, for replacement
+}
+
+// streamTable detects sequential readers: a request that starts at (or
+// within a block of) where a recent stream ended continues that stream.
+// It keeps the nStreams most recently used streams.
+type streamTable struct {
+	mu       sync.Mutex
+	s        [nStreams]stream
+	clock    uint64
+	gens     uint64
+	minFetch int64
+}
+
+// hint identifies the stream of a request.
+type hint struct {
+	slot int
+	gen  uint64
+	seq  bool // the request continues a stream
+}
+
+func (t *streamTable) init(minFetch int64) { t.minFetch = minFetch }
+
+// note records a request [off, end) and says which stream it belongs to;
+// tol is how far from a stream's end a request may start and still
+// continue it (requests of one stream may arrive slightly out of order).
+func (t *streamTable) note(off, end, tol int64) hint {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.clock++
+	best, bestDist := -1, int64(-1)
+	for i := range t.s {
+		s := &t.s[i]
+		if s.gen == 0 {
+			continue
+		}
+		dist := off - s.next
+		if dist < 0 {
+			dist = -dist
+		}
+		if dist <= tol && (best < 0 || dist < bestDist) {
+			best, bestDist = i, dist
+		}
+	}
+	if best >= 0 {
+		s := &t.s[best]
+		s.next = max(s.next, end)
+		s.used = t.clock
+		return hint{slot: best, gen: s.gen, seq: true}
+	}
+	victim := 0
+	for i := range t.s {
+		if t.s[i].gen == 0 {
+			victim = i
+			break
+		}
+		if t.s[i].used < t.s[victim].used {
+			victim = i
+		}
+	}
+	t.gens++
+	t.s[victim] = stream{gen: t.gens, next: end, window: t.minFetch, used: t.clock}
+	return hint{slot: victim, gen: t.gens}
+}
+
+// window returns the current fetch window of the request's stream.
+func (t *streamTable) window(h hint) int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if s := &t.s[h.slot]; s.gen == h.gen {
+		return s.window
+	}
+	return t.minFetch
+}
+
+// fetched records that a fetch with window w, reaching end, was started
+// for the stream.
+func (t *streamTable) fetched(h hint, w, end int64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if s := &t.s[h.slot]; s.gen == h.gen {
+		s.window = max(s.window, w)
+		s.ahead = max(s.ahead, end)
+	}
+}
+
+// readahead decides whether a sequential stream whose request ended at
+// end should fetch ahead: when the reader has passed the middle of the
+// last window fetched for it. It returns the range to fetch, [lo, hi),
+// block aligned (bs) and clipped to size, and doubles the window.
+func (t *streamTable) readahead(h hint, end, bs, size, maxWin int64) (lo, hi int64, ok bool) {
+	if !h.seq {
+		return 0, 0, false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	s := &t.s[h.slot]
+	if s.gen != h.gen || s.ahead == 0 || s.ahead >= size || end+s.window/2 < s.ahead {
+		return 0, 0, false
+	}
+	w := min(2*s.window, maxWin)
+	lo = max(s.ahead, (end+bs-1)/bs*bs)
+	hi = min(lo+w, size)
+	if lo >= hi {
+		return 0, 0, false
+	}
+	s.window, s.ahead = w, hi
+	return lo, hi, true
+}
