@@ -145,6 +145,7 @@ const (
 	minBlockSize        = 1        // NBD_INFO_BLOCK_SIZE minimum
 	preferredBlockSize  = 4096     // NBD_INFO_BLOCK_SIZE preferred
 	maxExtentsPerReply  = 8192     // descriptors in one NBD_REPLY_TYPE_BLOCK_STATUS
+	writePiece          = 1 << 20  // reply data written per write deadline
 	maxReadsPerRequest  = 8        // device reads at once for the data runs of one READ
 	baseAllocation      = "base:allocation"
 	baseAllocationID    = 1 // metadata context id handed out by SET_META_CONTEXT

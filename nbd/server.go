@@ -99,9 +99,10 @@ type Server struct {
 	// HandshakeTimeout bounds the wait for each option and the TLS
 	// handshake during negotiation. Default 30 s.
 	HandshakeTimeout time.Duration
-	// WriteTimeout bounds the writing of one reply, so that a client which
-	// stops reading cannot hold its connection's requests forever. Default
-	// 60 s.
+	// WriteTimeout bounds how long writing a reply may stall (for each
+	// MiB of a large reply), so that a client which stops reading cannot
+	// hold its connection's requests forever; the connection is then
+	// reset. Default 60 s.
 	WriteTimeout time.Duration
 
 	// Logger gets connection and failure logs; slog.Default() if nil.

@@ -479,9 +479,18 @@ type replyWriter struct {
 	err error
 }
 
+// write buffers or writes p. Large payloads go out a piece at a time, each
+// with a fresh write deadline: WriteTimeout bounds a stall, not the time a
+// large reply takes on a slow link.
 func (w *replyWriter) write(p []byte) {
-	if w.err == nil {
-		_, w.err = w.c.bw.Write(p)
+	for len(p) > 0 && w.err == nil {
+		n := len(p)
+		if n > writePiece {
+			n = writePiece
+			w.c.raw.SetWriteDeadline(time.Now().Add(w.c.s.writeTimeout()))
+		}
+		_, w.err = w.c.bw.Write(p[:n])
+		p = p[n:]
 	}
 }
 
@@ -499,6 +508,7 @@ func (c *conn) send(r *request, fn func(w *replyWriter)) {
 	w := &replyWriter{c: c}
 	fn(w)
 	if w.err == nil && last {
+		c.raw.SetWriteDeadline(time.Now().Add(c.s.writeTimeout()))
 		w.err = c.bw.Flush()
 	}
 	if w.err != nil {
