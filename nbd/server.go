@@ -387,10 +387,11 @@ type conn struct {
 	werr    error
 	pending atomic.Int32 // replies waiting for wmu; the last one flushes
 
-	// Requests in flight.
-	inflight sync.WaitGroup
-	slots    chan struct{}
-	bytes    *semaphore.Weighted
+	// Requests in flight, and counts for the log.
+	nreq, nfail atomic.Int64
+	inflight    sync.WaitGroup
+	slots       chan struct{}
+	bytes       *semaphore.Weighted
 
 	mu       sync.Mutex
 	stopping bool // shutdown: reads are being interrupted
@@ -445,8 +446,12 @@ func (c *conn) serve() {
 	ok := c.negotiate()
 	if ok {
 		c.log = c.log.With("export", c.export.Name)
-		c.log.Debug("nbd: transmission", "flags", c.flags, "structured", c.structured, "base_allocation", c.metaBase, "tls", c.tls)
+		c.log.Info("nbd: client attached", "flags", c.flags, "structured", c.structured, "base_allocation", c.metaBase, "tls", c.tls)
+		start := time.Now()
 		c.transmit()
+		c.close()
+		c.log.Info("nbd: client detached", "requests", c.nreq.Load(), "failed", c.nfail.Load(), "duration", time.Since(start).Round(time.Millisecond))
+		return
 	}
 	c.close()
 	c.log.Debug("nbd: connection closed")

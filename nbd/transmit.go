@@ -84,6 +84,7 @@ func (c *conn) transmit() {
 			c.log.Debug("nbd: NBD_CMD_DISC")
 			return
 		}
+		c.nreq.Add(1)
 		if !c.admit(r) {
 			return
 		}
@@ -293,6 +294,7 @@ func (c *conn) work(r *request) {
 // fail logs a device error and answers r with it.
 func (c *conn) fail(r *request, err error) {
 	e := errno(err)
+	c.nfail.Add(1)
 	if c.ctx.Err() != nil {
 		// The connection is going away; nobody will read the reply.
 		c.log.Debug("nbd: request canceled", "req", cmdName(r.typ), "offset", r.off, "err", err)
