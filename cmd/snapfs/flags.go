@@ -79,6 +79,11 @@ func storeConfig(c *cli.Context) objstore.Config {
 // openStore opens the store behind rawURL, wrapped with retries and ETag
 // pinning, and returns it with the key.
 func openStore(c *cli.Context, rawURL string) (objstore.Store, string, error) {
+	return openStoreWith(c, rawURL, nil)
+}
+
+// openStoreWith is openStore counting requests in m when m is not nil.
+func openStoreWith(c *cli.Context, rawURL string, m *objstore.Metrics) (objstore.Store, string, error) {
 	if gSet(c, "log-level") {
 		if err := setupLogging(c); err != nil {
 			return nil, "", err
@@ -87,6 +92,9 @@ func openStore(c *cli.Context, rawURL string) (objstore.Store, string, error) {
 	st, key, err := objstore.Open(c.Context, rawURL, storeConfig(c))
 	if err != nil {
 		return nil, "", err
+	}
+	if m != nil {
+		st = objstore.WithMetrics(st, m)
 	}
 	attempts := gInt(c, "retries")
 	if attempts < 1 {

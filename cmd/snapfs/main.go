@@ -52,6 +52,8 @@ func newApp() *cli.App {
 			mapCommand(),
 			checkCommand(),
 			catCommand(),
+			serveCommand(),
+			attachCommand(),
 			demoCommand(),
 			mountCommand(),
 			umountCommand(),

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"strings"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/disk"
+	"github.com/snapfs/snapfs/objstore"
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+// deviceFlags tune the lazy devices that serve and mount expose.
+func deviceFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "cache-size", Value: "512MiB", Usage: "memory cache of decoded blocks, shared by all images"},
+		&cli.StringFlag{Name: "min-get", Usage: "least bytes one demand fetch reads (default: disk.DefaultMinFetch)"},
+		&cli.IntFlag{Name: "max-inflight", Usage: "fetches in flight per image (default: disk.DefaultMaxInFlight)"},
+	}
+}
+
+// devices opens lazy devices over images of one store, sharing one memory
+// cache and one set of counters.
+type devices struct {
+	st      objstore.Store
+	mem     *cache.Memory
+	stats   *disk.Stats
+	metrics *objstore.Metrics
+	opts    disk.Options
+}
+
+// parseBytes reads a size such as "512MiB", "1G" or "65536".
+func parseBytes(flag, s string) (int64, error) {
+	n, err := humanize.ParseBytes(s)
+	if err != nil || n > 1<<62 {
+		return 0, fmt.Errorf("--%s %q: not a size", flag, s)
+	}
+	return int64(n), nil
+}
+
+// newDevices opens the store behind rawURL for serving and returns the
+// opener with the URL's key.
+func newDevices(c *cli.Context, rawURL string) (*devices, string, error) {
+	d := &devices{stats: &disk.Stats{}, metrics: &objstore.Metrics{}}
+	size, err := parseBytes("cache-size", c.String("cache-size"))
+	if err != nil {
+		return nil, "", err
+	}
+	if size > 0 {
+		if d.mem, err = cache.NewMemory(size); err != nil {
+			return nil, "", err
+		}
+	}
+	if s := c.String("min-get"); s != "" {
+		if d.opts.MinFetch, err = parseBytes("min-get", s); err != nil {
+			return nil, "", err
+		}
+	}
+	d.opts.MaxInFlight = c.Int("max-inflight")
+	d.opts.Cache, d.opts.Stats, d.opts.Metrics = d.mem, d.stats, d.metrics
+	st, key, err := openStoreWith(c, rawURL, d.metrics)
+	if err != nil {
+		return nil, "", err
+	}
+	d.st = st
+	return d, key, nil
+}
+
+// open returns the lazy device of the image at key.
+func (d *devices) open(ctx context.Context, key string) (*disk.Disk, error) {
+	im, err := qcow2.Open(ctx, d.st, key, nil)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := disk.New(im, d.opts)
+	if err != nil {
+		im.Close()
+		return nil, err
+	}
+	return dev, nil
+}
+
+// close releases the shared cache.
+func (d *devices) close() {
+	if d.mem != nil {
+		d.mem.Close()
+	}
+}
+
+// found is one object under a prefix: an image opened, or why not.
+type found struct {
+	key    string
+	dev    *disk.Disk
+	reason error // set when the object is not served
+}
+
+// openAll opens every QCOW2 image under prefix. Objects that are not
+// QCOW2 come back with qcow2.ErrNotQCOW2, refused images with their reason.
+func (d *devices) openAll(ctx context.Context, prefix string) ([]found, error) {
+	objs, err := d.st.List(ctx, prefix)
+	if err != nil {
+		return nil, err
+	}
+	var out []found
+	for _, o := range objs {
+		if strings.HasSuffix(o.Key, "/") {
+			continue
+		}
+		dev, err := d.open(ctx, o.Key)
+		if err != nil && !errors.Is(err, qcow2.ErrNotQCOW2) && !errors.Is(err, qcow2.ErrUnsupported) && !errors.Is(err, qcow2.ErrCorrupt) {
+			return nil, err
+		}
+		out = append(out, found{key: o.Key, dev: dev, reason: err})
+	}
+	return out, nil
+}
+
+// exportName names the image at key for NBD: its path below prefix.
+func exportName(prefix, key string) string {
+	if prefix == "" || !strings.HasPrefix(key, prefix) {
+		return path.Base(key)
+	}
+	return strings.TrimPrefix(key, prefix)
+}
+
+// logSkipped logs objects that are not served, once each.
+func logSkipped(fs []found) {
+	for _, f := range fs {
+		switch {
+		case f.reason == nil:
+		case errors.Is(f.reason, qcow2.ErrNotQCOW2):
+			slog.Info("not a QCOW2 image, left out", "object", f.key)
+		default:
+			slog.Warn("image left out", "object", f.key, "reason", f.reason)
+		}
+	}
+}
