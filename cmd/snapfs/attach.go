@@ -37,12 +37,16 @@ func runAttach(c *cli.Context) error {
 		}
 		return err
 	}
-	devs, key, err := newDevices(c, u)
+	devs, err := newDevices(c)
 	if err != nil {
 		return err
 	}
 	defer devs.close()
-	dev, err := devs.open(c.Context, key)
+	st, key, err := devs.store(c, u)
+	if err != nil {
+		return err
+	}
+	dev, err := devs.open(c.Context, st, key)
 	if err != nil {
 		return err
 	}
@@ -62,7 +66,7 @@ func runAttach(c *cli.Context) error {
 		return err
 	}
 	defer clientConn.Close()
-	srv := &nbd.Server{Exports: nbd.ExportList(nbd.Export{Name: "snapfs", Description: devs.st.URL(key), Device: dev}), Logger: slog.Default()}
+	srv := &nbd.Server{Exports: nbd.ExportList(nbd.Export{Name: "snapfs", Description: st.URL(key), Device: dev}), Logger: slog.Default()}
 	go srv.ServeConn(c.Context, serverConn)
 	defer srv.Close()
 
@@ -76,7 +80,7 @@ func runAttach(c *cli.Context) error {
 		done <- client.Connect(clientConn, f, &client.Options{
 			ExportName:  "snapfs",
 			BlockSize:   4096,
-			OnConnected: func() { fmt.Fprintf(os.Stderr, "snapfs: %s attached to %s\n", devs.st.URL(key), devPath) },
+			OnConnected: func() { fmt.Fprintf(os.Stderr, "snapfs: %s attached to %s\n", st.URL(key), devPath) },
 		})
 	}()
 	select {

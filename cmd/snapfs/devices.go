@@ -26,10 +26,9 @@ func deviceFlags() []cli.Flag {
 	}
 }
 
-// devices opens lazy devices over images of one store, sharing one memory
-// cache and one set of counters.
+// devices opens lazy devices over images, sharing one memory cache (the
+// --cache-size budget holds for all images together) and one set of counters.
 type devices struct {
-	st      objstore.Store
 	mem     *cache.Memory
 	stats   *disk.Stats
 	metrics *objstore.Metrics
@@ -45,37 +44,36 @@ func parseBytes(flag, s string) (int64, error) {
 	return int64(n), nil
 }
 
-// newDevices opens the store behind rawURL for serving and returns the
-// opener with the URL's key.
-func newDevices(c *cli.Context, rawURL string) (*devices, string, error) {
+// newDevices builds the shared cache and counters from the flags.
+func newDevices(c *cli.Context) (*devices, error) {
 	d := &devices{stats: &disk.Stats{}, metrics: &objstore.Metrics{}}
 	size, err := parseBytes("cache-size", c.String("cache-size"))
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
 	if size > 0 {
 		if d.mem, err = cache.NewMemory(size); err != nil {
-			return nil, "", err
+			return nil, err
 		}
 	}
 	if s := c.String("min-get"); s != "" {
 		if d.opts.MinFetch, err = parseBytes("min-get", s); err != nil {
-			return nil, "", err
+			return nil, err
 		}
 	}
 	d.opts.MaxInFlight = c.Int("max-inflight")
 	d.opts.Cache, d.opts.Stats, d.opts.Metrics = d.mem, d.stats, d.metrics
-	st, key, err := openStoreWith(c, rawURL, d.metrics)
-	if err != nil {
-		return nil, "", err
-	}
-	d.st = st
-	return d, key, nil
+	return d, nil
 }
 
-// open returns the lazy device of the image at key.
-func (d *devices) open(ctx context.Context, key string) (*disk.Disk, error) {
-	im, err := qcow2.Open(ctx, d.st, key, nil)
+// store opens the store behind rawURL, counted in the shared metrics.
+func (d *devices) store(c *cli.Context, rawURL string) (objstore.Store, string, error) {
+	return openStoreWith(c, rawURL, d.metrics)
+}
+
+// open returns the lazy device of the image at key in st.
+func (d *devices) open(ctx context.Context, st objstore.Store, key string) (*disk.Disk, error) {
+	im, err := qcow2.Open(ctx, st, key, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -103,8 +101,8 @@ type found struct {
 
 // openAll opens every QCOW2 image under prefix. Objects that are not
 // QCOW2 come back with qcow2.ErrNotQCOW2, refused images with their reason.
-func (d *devices) openAll(ctx context.Context, prefix string) ([]found, error) {
-	objs, err := d.st.List(ctx, prefix)
+func (d *devices) openAll(ctx context.Context, st objstore.Store, prefix string) ([]found, error) {
+	objs, err := st.List(ctx, prefix)
 	if err != nil {
 		return nil, err
 	}
@@ -113,7 +111,7 @@ func (d *devices) openAll(ctx context.Context, prefix string) ([]found, error) {
 		if strings.HasSuffix(o.Key, "/") {
 			continue
 		}
-		dev, err := d.open(ctx, o.Key)
+		dev, err := d.open(ctx, st, o.Key)
 		if err != nil && !errors.Is(err, qcow2.ErrNotQCOW2) && !errors.Is(err, qcow2.ErrUnsupported) && !errors.Is(err, qcow2.ErrCorrupt) {
 			return nil, err
 		}

@@ -32,6 +32,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-key", Usage: "TLS key `FILE` (PEM)"},
 			&cli.StringFlag{Name: "tls", Usage: "off, allow or require (default: allow with a certificate, else off)"},
 			&cli.StringFlag{Name: "description", Usage: "export description shown to clients"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://`ADDR`/metrics"},
 		)...),
 		Action: runServe,
 	}
@@ -70,15 +71,19 @@ func runServe(c *cli.Context) error {
 		exports = append(exports, nbd.Export{Name: name, Description: desc, Device: dev})
 		return nil
 	}
+	devs, err := newDevices(c)
+	if err != nil {
+		return err
+	}
+	defer devs.close()
 	for _, arg := range c.Args().Slice() {
 		name, u := splitNamed(arg)
-		devs, key, err := newDevices(c, u)
+		st, key, err := devs.store(c, u)
 		if err != nil {
 			return err
 		}
-		closers = append(closers, devs.close)
 		if key == "" || strings.HasSuffix(key, "/") {
-			all, err := devs.openAll(c.Context, key)
+			all, err := devs.openAll(c.Context, st, key)
 			if err != nil {
 				return err
 			}
@@ -92,13 +97,13 @@ func runServe(c *cli.Context) error {
 				if name != "" {
 					n = name + "/" + n
 				}
-				if err := add(n, devs.st.URL(f.key), f.dev); err != nil {
+				if err := add(n, st.URL(f.key), f.dev); err != nil {
 					return err
 				}
 			}
 			continue
 		}
-		dev, err := devs.open(c.Context, key)
+		dev, err := devs.open(c.Context, st, key)
 		if err != nil {
 			return err
 		}
@@ -106,7 +111,7 @@ func runServe(c *cli.Context) error {
 		if name == "" {
 			name = exportName("", key)
 		}
-		if err := add(name, devs.st.URL(key), dev); err != nil {
+		if err := add(name, st.URL(key), dev); err != nil {
 			return err
 		}
 	}
@@ -114,6 +119,11 @@ func runServe(c *cli.Context) error {
 		return errors.New("no image to serve: nothing under the given prefixes is a servable QCOW2 image")
 	}
 
+	if addr := c.String("metrics"); addr != "" {
+		if err := serveMetrics(addr, devs); err != nil {
+			return err
+		}
+	}
 	srv := &nbd.Server{Exports: nbd.ExportList(exports...), Logger: slog.Default()}
 	if err := configureTLS(c, srv); err != nil {
 		return err
