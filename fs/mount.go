@@ -243,9 +243,20 @@ func Unmount(dir string, lazy bool) error {
 	if lazy {
 		flags = unix.MNT_DETACH
 	}
-	err = unix.Unmount(abs, flags)
-	if errors.Is(err, unix.EPERM) {
-		err = fusermountU(abs, lazy)
+	// A mount is busy for a moment after it appears (go-fuse polls a
+	// file in it while it starts) and while a command leaves it: retry a
+	// busy answer for about a second.
+	delay := 10 * time.Millisecond
+	for try := 0; ; try++ {
+		err = unix.Unmount(abs, flags)
+		if errors.Is(err, unix.EPERM) {
+			err = fusermountU(abs, lazy)
+		}
+		if !errors.Is(err, unix.EBUSY) || try == 6 {
+			break
+		}
+		time.Sleep(delay)
+		delay *= 2
 	}
 	if errors.Is(err, unix.EBUSY) {
 		return fmt.Errorf("%s: busy: files are open (unmount lazily to detach it now)", abs)

@@ -166,7 +166,7 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	dev, err := n.obj.acquire(ctx)
+	dev, err := n.obj.acquire(uninterrupted(ctx))
 	if err != nil {
 		n.f.log.Error("cannot open image", "object", n.obj.url, "etag", n.obj.etag, "err", err)
 		return nil, 0, errnoOf(err)
@@ -185,7 +185,7 @@ func (n *fileNode) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 		return fuse.ReadResultData(nil), 0
 	}
 	buf := dest[:min(int64(len(dest)), size-off)]
-	if _, err := h.dev.ReadAt(ctx, buf, off); err != nil {
+	if _, err := h.dev.ReadAt(uninterrupted(ctx), buf, off); err != nil {
 		errno := errnoOf(err)
 		if errno != syscall.EINTR {
 			n.f.log.Error("read failed", "object", n.obj.url, "offset", off, "length", len(buf), "err", err)
@@ -214,6 +214,7 @@ func (n *fileNode) Lseek(ctx context.Context, fh gofs.FileHandle, off uint64, wh
 	if off >= uint64(size) {
 		return 0, syscall.ENXIO
 	}
+	ctx = uninterrupted(ctx)
 	dev, release, errno := n.device(ctx, fh)
 	if errno != 0 {
 		return 0, errno
@@ -308,6 +309,13 @@ func (o *object) xattr(name string) (string, bool) {
 	}
 	return "", false
 }
+
+// uninterrupted drops the cancellation of a request's context. The kernel
+// interrupts a request whenever its caller gets a signal, fatal or not (Go
+// programs get them all the time), and answering EINTR would fail reads and
+// seeks that most programs do not retry; a fatal signal needs no answer.
+// The store's retry policy bounds how long a request can take.
+func uninterrupted(ctx context.Context) context.Context { return context.WithoutCancel(ctx) }
 
 // errnoOf maps a device error to an errno: EINTR for an interrupted
 // request, EIO otherwise.
