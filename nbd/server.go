@@ -8,6 +8,17 @@
 // advertise NBD_FLAG_CAN_MULTI_CONN, writable ones included: every connection
 // of an export shares one Device, whose Flush makes all completed writes
 // durable whichever connection made them, as the flag requires.
+//
+// Errors: disk.ErrReadOnly is EPERM, disk.ErrOutOfRange and invalid
+// requests EINVAL, writes past the end ENOSPC (as the protocol asks), reads
+// over MaxRequest EOVERFLOW with structured replies, and any other device
+// failure EIO, logged once with the export and offset; the connection
+// carries on. Structured error chunks carry a generic message only, since a
+// device's error text may name object-store URLs.
+//
+// Not implemented: extended headers (NBD_OPT_EXTENDED_HEADERS is
+// unsupported), NBD_FLAG_SEND_FAST_ZERO, resizing, and metadata contexts
+// other than base:allocation.
 package nbd
 
 import (
