@@ -210,10 +210,11 @@ func TestServe(t *testing.T) {
 		}
 	})
 
-	// One image: the empty export name selects it.
+	// One image: the empty export name selects it. With a small cache,
+	// small fetches and few of them at once.
 	t.Run("single", func(t *testing.T) {
 		t.Parallel()
-		p := startServe(t, env, "--listen", "127.0.0.1:0", base+"chain-top.qcow2")
+		p := startServe(t, env, "--listen", "127.0.0.1:0", "--cache-size", "4MiB", "--min-get", "64KiB", "--max-inflight", "2", base+"chain-top.qcow2")
 		r := ref(t, "chain-top.qcow2")
 		if !slices.Equal(p.exports, []string{"chain-top.qcow2"}) {
 			t.Errorf("serving %q, want [chain-top.qcow2]", p.exports)
@@ -535,10 +536,12 @@ func checkClient(t *testing.T, what string, c *nbdClient, r *serveRef, seed uint
 	}
 }
 
-// TestServeFaults: with MinIO stopped, reads of blocks not yet fetched
+// TestServeFaults: a client reading while MinIO stops gets the right bytes
+// or EIO, never a hang; with MinIO stopped, reads of blocks not yet fetched
 // fail with EIO (qemu-io, and the test's client on a connection opened
 // before), the server stays up and takes new connections; once MinIO is
-// back the same reads, on the same connection, give the right bytes.
+// back the same reads, on the same connections, give the right bytes (no
+// failure was cached).
 func TestServeFaults(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -565,7 +568,14 @@ func TestServeFaults(t *testing.T) {
 		}
 	}
 
+	// A client reading while MinIO stops: each reply has the right bytes
+	// or EIO, none hangs; reads of blocks never fetched, made once MinIO
+	// is down, fail with EIO.
+	stride := newStrideReader(t, p.addr, 44<<20, 320<<10, 32, 4)
+	stride.waitReads(t, 6)
 	m.Stop()
+	stride.afterStop(t)
+
 	got, res := qemuIOReads(t, uri, qreads)
 	for k, rd := range qreads {
 		if got[k] != nil {
@@ -615,7 +625,148 @@ func TestServeFaults(t *testing.T) {
 			t.Errorf("client read %d+%d after the restart: %s", rd.off, len(rd.buf), d)
 		}
 	}
+	stride.check(t, r)
 	checkCopy(t, uri, r)
+}
+
+// strideReader reads 4 KiB blocks at off, off+stride, ... on its own
+// connection, one request at a time and paced, over and over, until told
+// that MinIO is stopped; then it reads the last fresh blocks, never read
+// before, once each.
+type strideReader struct {
+	c           *nbdClient
+	off, stride int64
+	n, fresh    int
+	stop, done  chan struct{}
+
+	mu       sync.Mutex
+	replies  int
+	eio      int              // EIO replies while cycling
+	freshEIO int              // EIO replies to the fresh blocks
+	got      map[int64][]byte // the last successful read of each block
+	bad      []string
+}
+
+func newStrideReader(t *testing.T, addr string, off, stride int64, n, fresh int) *strideReader {
+	t.Helper()
+	c, err := nbdDial("tcp", addr, "", helloGo, time.Now().Add(2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.close)
+	s := &strideReader{c: c, off: off, stride: stride, n: n, fresh: fresh,
+		stop: make(chan struct{}), done: make(chan struct{}), got: map[int64][]byte{}}
+	go s.run()
+	return s
+}
+
+func (s *strideReader) block(k int) int64 { return s.off + int64(k)*s.stride }
+
+// read reads block k and records the outcome; false if the connection
+// failed.
+func (s *strideReader) read(k int, fresh bool) bool {
+	off := s.block(k)
+	b, errno, err := s.c.read(off, 4096)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.replies++
+	switch {
+	case err != nil:
+		s.bad = append(s.bad, fmt.Sprintf("read at %d: %v", off, err))
+		return false
+	case fresh && errno != 5:
+		s.bad = append(s.bad, fmt.Sprintf("read at %d (never read before) with MinIO stopped: error %d, want 5 (EIO)", off, errno))
+	case errno == 0:
+		s.got[off] = b
+	case errno == 5 && fresh:
+		s.freshEIO++
+	case errno == 5:
+		s.eio++
+	default:
+		s.bad = append(s.bad, fmt.Sprintf("read at %d: error %d, want 0 or 5", off, errno))
+	}
+	return true
+}
+
+func (s *strideReader) run() {
+	defer close(s.done)
+	for k := 0; ; k = (k + 1) % (s.n - s.fresh) {
+		select {
+		case <-s.stop:
+			for f := s.n - s.fresh; f < s.n; f++ {
+				if !s.read(f, true) {
+					return
+				}
+			}
+			return
+		default:
+		}
+		if !s.read(k, false) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitReads waits until k replies came.
+func (s *strideReader) waitReads(t *testing.T, k int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s.mu.Lock()
+		n, bad := s.replies, s.bad
+		s.mu.Unlock()
+		if n >= k {
+			return
+		}
+		select {
+		case <-s.done:
+			t.Fatalf("the reader stopped after %d replies: %v", n, bad)
+		case <-time.After(5 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d replies in 30s, want %d", n, k)
+		}
+	}
+}
+
+// afterStop tells the reader MinIO is stopped and waits for it to finish.
+func (s *strideReader) afterStop(t *testing.T) {
+	t.Helper()
+	close(s.stop)
+	select {
+	case <-s.done:
+	case <-time.After(90 * time.Second):
+		t.Fatalf("a read hung with MinIO stopped")
+	}
+}
+
+// check checks what was read against r, then reads every block again on
+// the same connection (MinIO being back), which must work.
+func (s *strideReader) check(t *testing.T, r *serveRef) {
+	t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range s.bad {
+		t.Error(b)
+	}
+	if s.freshEIO != s.fresh {
+		t.Errorf("%d of %d reads of blocks never read before failed with EIO while MinIO was stopped", s.freshEIO, s.fresh)
+	}
+	for off, b := range s.got {
+		if d := firstDiff(b, r.bytes(t, off, int64(len(b)))); d != "" {
+			t.Errorf("read at %d around the stop: %s", off, d)
+		}
+	}
+	t.Logf("reads around the stop: %d replies, %d EIO while cycling, %d of %d fresh blocks EIO", s.replies, s.eio, s.freshEIO, s.fresh)
+	for k := range s.n {
+		b, errno, err := s.c.read(s.block(k), 4096)
+		if err != nil || errno != 0 {
+			t.Errorf("read at %d after MinIO restarted, on the connection open all along: error %d, %v", s.block(k), errno, err)
+		} else if d := firstDiff(b, r.bytes(t, s.block(k), 4096)); d != "" {
+			t.Errorf("read at %d after MinIO restarted: %s", s.block(k), d)
+		}
+	}
 }
 
 // TestServeSignals: SIGTERM and SIGINT stop serve with exit 0, also with
