@@ -68,7 +68,8 @@ type Options struct {
 	// AllowOther lets users other than the mounting one in (allow_other).
 	AllowOther bool
 	// OpenDevice makes the device of an opened image; nil means
-	// ImageDevice.
+	// DiskDevice(disk.Options{}) (the lazy disk layer without a memory
+	// cache).
 	OpenDevice DeviceOpener
 	// Logger gets the log lines; nil means slog.Default().
 	Logger *slog.Logger
@@ -176,7 +177,7 @@ func New(ctx context.Context, st objstore.Store, key string, opts Options) (*FS,
 		opts.ListTTL = DefaultListTTL
 	}
 	if opts.OpenDevice == nil {
-		opts.OpenDevice = ImageDevice
+		opts.OpenDevice = DiskDevice(disk.Options{})
 	}
 	if opts.ProbeParallelism <= 0 {
 		opts.ProbeParallelism = 8

@@ -15,8 +15,9 @@
 // and runs `snapfs mount --daemon` with the options translated to flags;
 // it returns once the mount is ready.
 //
-// Options: allow_other; uid=N, gid=N; cache_size=BYTES; list_ttl=DURATION
-// (seconds when a bare number); raw_objects; endpoint=URL, region=NAME,
+// Options: allow_other; uid=N, gid=N; cache_size=BYTES, min_get=BYTES,
+// max_inflight=N (the disk layer); list_ttl=DURATION (seconds when a bare
+// number); raw_objects; endpoint=URL, region=NAME,
 // path_style, insecure, retries=N (the object store); profile=NAME (the
 // AWS profile); log_level=LEVEL, log_file=FILE. Generic mount options
 // (rw, ro, defaults, noauto, _netdev, nofail, nosuid, x-*...) are accepted
@@ -162,9 +163,17 @@ func translate(h *helperArgs) (args, env []string, warnings []string, err error)
 					args = append(args, "--"+name, val)
 				}
 			}
-		case name == "cache_size":
+		case name == "cache_size" || name == "min_get":
 			if need() {
-				args = append(args, "--cache-size", val)
+				args = append(args, "--"+strings.ReplaceAll(name, "_", "-"), val)
+			}
+		case name == "max_inflight":
+			if need() {
+				if _, perr := strconv.ParseUint(val, 10, 31); perr != nil {
+					err = fmt.Errorf("option %s=%s: want a number", name, val)
+				} else {
+					args = append(args, "--max-inflight", val)
+				}
 			}
 		case name == "list_ttl":
 			if need() {

@@ -42,7 +42,7 @@ func TestParseArgs(t *testing.T) {
 func TestTranslate(t *testing.T) {
 	h := &helperArgs{source: "s3://bucket/snaps/", dir: "/mnt/snaps", options: []string{
 		"rw", "defaults", "noauto", "_netdev", "nofail", "nosuid", "nodev", "x-systemd.automount", "comment=x",
-		"allow_other", "uid=1000", "gid=100", "cache_size=2G", "list_ttl=30", "raw_objects",
+		"allow_other", "uid=1000", "gid=100", "cache_size=2G", "min_get=1MiB", "max_inflight=32", "list_ttl=30", "raw_objects",
 		"endpoint=http://127.0.0.1:9000", "region=eu-west-1", "path_style", "insecure", "retries=3",
 		"log_level=info", "log_file=/var/log/snapfs.log", "profile=backup",
 	}}
@@ -50,7 +50,7 @@ func TestTranslate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "mount --daemon --allow-other --uid 1000 --gid 100 --cache-size 2G --list-ttl 30s --raw-objects " +
+	want := "mount --daemon --allow-other --uid 1000 --gid 100 --cache-size 2G --min-get 1MiB --max-inflight 32 --list-ttl 30s --raw-objects " +
 		"--endpoint http://127.0.0.1:9000 --region eu-west-1 --path-style --insecure --retries 3 " +
 		"--log-level info --log-file /var/log/snapfs.log -- s3://bucket/snaps/ /mnt/snaps"
 	if got := strings.Join(args, " "); got != want {
@@ -75,6 +75,7 @@ func TestTranslate(t *testing.T) {
 		"cache_size":       "needs a value",
 		"endpoint":         "needs a value",
 		"raw_objects=true": "takes no value",
+		"max_inflight=-1":  "want a number",
 	} {
 		_, _, _, err := translate(&helperArgs{source: "s", dir: "d", options: []string{opt}})
 		if err == nil || !strings.Contains(err.Error(), msg) {

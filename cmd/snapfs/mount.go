@@ -42,8 +42,7 @@ func mountCommand() *cli.Command {
 			"reason in .snapfs-errors. The listing is refreshed every --list-ttl; an open file keeps the " +
 			"version it opened. Runs in the foreground until unmounted, SIGINT or SIGTERM (which " +
 			"unmount), unless --daemon.",
-		Flags: withGlobal(
-			&cli.StringFlag{Name: "cache-size", Value: "512MiB", Usage: "memory cache tier in `BYTES` (K, M, G, KiB, MiB, GiB suffixes)"},
+		Flags: withGlobal(append(deviceFlags(),
 			&cli.DurationFlag{Name: "list-ttl", Value: fs.DefaultListTTL, Usage: "refresh the listing after `DURATION` (0: never)"},
 			&cli.IntFlag{Name: "uid", Value: -1, Usage: "owner of the files (default: the mounting user)"},
 			&cli.IntFlag{Name: "gid", Value: -1, Usage: "group of the files (default: the mounting user's)"},
@@ -52,7 +51,7 @@ func mountCommand() *cli.Command {
 			&cli.BoolFlag{Name: "raw-objects", Usage: "show objects that are not QCOW2 as they are"},
 			&cli.StringFlag{Name: "log-file", Usage: "append the log to `FILE` instead of stderr (with --daemon the log is dropped otherwise)"},
 			&cli.BoolFlag{Name: "debug-fuse", Hidden: true, Usage: "log every FUSE request"},
-		),
+		)...),
 		Action: runMount,
 	}
 }
@@ -82,10 +81,6 @@ func runMount(c *cli.Context) error {
 		return cli.Exit("mount takes a URL and a MOUNTPOINT (see snapfs mount --help)", 2)
 	}
 	u, dir := c.Args().Get(0), c.Args().Get(1)
-	cacheSize, err := parseMountBytes(c.String("cache-size"))
-	if err != nil || cacheSize <= 0 {
-		return cli.Exit(fmt.Sprintf("--cache-size %q: want a positive size such as 512MiB", c.String("cache-size")), 2)
-	}
 	if fi, err := os.Stat(dir); err != nil {
 		return err
 	} else if !fi.IsDir() {
@@ -127,9 +122,14 @@ func runMount(c *cli.Context) error {
 	if v := c.Int("gid"); v >= 0 {
 		opts.GID = uint32(v)
 	}
-	slog.Debug("memory cache tier", "bytes", cacheSize)
+	devs, err := newDevices(c)
+	if err != nil {
+		return cli.Exit(err.Error(), 2)
+	}
+	defer devs.close()
+	opts.OpenDevice = fs.DiskDevice(devs.opts)
 
-	st, key, err := openMountStore(c, u)
+	st, key, err := openMountStore(c, u, devs.metrics)
 	if err != nil {
 		return err
 	}
@@ -174,10 +174,13 @@ func runMount(c *cli.Context) error {
 // openMountStore opens the store behind rawURL with retries but without
 // one store-wide ETag pin: the file system pins each object version it
 // opens, so that a replaced object can show its new version.
-func openMountStore(c *cli.Context, rawURL string) (objstore.Store, string, error) {
+func openMountStore(c *cli.Context, rawURL string, m *objstore.Metrics) (objstore.Store, string, error) {
 	st, key, err := objstore.Open(c.Context, rawURL, storeConfig(c))
 	if err != nil {
 		return nil, "", err
+	}
+	if m != nil {
+		st = objstore.WithMetrics(st, m)
 	}
 	attempts := max(gInt(c, "retries"), 1)
 	st = objstore.WithRetry(st, objstore.RetryPolicy{MaxAttempts: attempts, MaxDelay: 5 * time.Second, Logger: slog.Default()})
@@ -256,38 +259,4 @@ func absPath(p string) string {
 		return a
 	}
 	return p
-}
-
-// parseMountBytes parses a byte count with an optional K, M, G, T suffix
-// (powers of 1024; "KiB", "KB" and "k" alike).
-func parseMountBytes(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	i := len(s)
-	for i > 0 && (s[i-1] < '0' || s[i-1] > '9') {
-		i--
-	}
-	n, err := strconv.ParseInt(s[:i], 10, 64)
-	if err != nil {
-		return 0, err
-	}
-	unit := strings.ToLower(strings.TrimSpace(s[i:]))
-	unit = strings.TrimSuffix(strings.TrimSuffix(unit, "b"), "i")
-	shift := 0
-	switch unit {
-	case "":
-	case "k":
-		shift = 10
-	case "m":
-		shift = 20
-	case "g":
-		shift = 30
-	case "t":
-		shift = 40
-	default:
-		return 0, fmt.Errorf("unknown unit %q", s[i:])
-	}
-	if n < 0 || n > (1<<62)>>shift {
-		return 0, errors.New("out of range")
-	}
-	return n << shift, nil
 }
