@@ -91,6 +91,11 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 	var h hint
 	if d.cache != nil {
 		h = d.streams.note(off, end, d.bs)
+		// Read ahead before serving the request, which may wait for a
+		// fetch: the next window's GETs overlap with that wait.
+		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin); ok {
+			d.readahead(lo, hi)
+		}
 	}
 	var stack [16]int64
 	missing := stack[:0]
@@ -109,11 +114,6 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 			return 0, err
 		}
 	}
-	if d.cache != nil {
-		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin); ok {
-			d.readahead(lo, hi)
-		}
-	}
 	return int(n), nil
 }
 
@@ -123,13 +123,14 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // or, for a sequential stream, to its (doubled) window.
 func (d *Disk) load(ctx context.Context, p []byte, off int64, missing []int64, h hint) error {
 	lo, hi := missing[0], missing[len(missing)-1]+1
-	extLo, extHi, piece := lo, hi, d.maxWin
+	extLo, extHi, win, piece := lo, hi, d.maxWin, d.maxWin
 	if d.cache != nil {
 		if h.seq {
-			piece = min(2*d.streams.window(h), d.maxWin)
-			extHi = max(hi, lo+piece>>d.shift)
+			win = min(2*d.streams.window(h), d.maxWin)
+			piece = d.pieceOf(win)
+			extHi = max(hi, lo+win>>d.shift)
 		} else {
-			piece = d.minFetch
+			win, piece = d.minFetch, d.minFetch
 			mf := d.minFetch >> d.shift
 			extLo, extHi = lo/mf*mf, (hi+mf-1)/mf*mf
 		}
@@ -175,7 +176,7 @@ func (d *Disk) load(ctx context.Context, p []byte, off int64, missing []int64, h
 	if d.cache != nil && len(own) > 0 {
 		// Only a new fetch widens the stream's window: readers joining
 		// fetches under way do not.
-		d.streams.fetched(h, piece, min(extHi<<d.shift, d.size))
+		d.streams.fetched(h, win, min(extHi<<d.shift, d.size))
 	}
 	d.launch(own)
 	return d.wait(ctx, p, off, own, joined)
@@ -412,7 +413,18 @@ func (d *Disk) fetch(f *flight) error {
 // of starting their own.
 func (d *Disk) readahead(lo, hi int64) {
 	b0, b1 := lo>>d.shift, (hi-1)>>d.shift+1
-	d.fill(d.ctx, b0, b1, b1-b0, true)
+	d.fill(d.ctx, b0, b1, d.pieceOf(hi-lo)>>d.shift, true)
+}
+
+// windowPieces is how many parallel fetches a sequential window is split
+// into: one connection's transfer rate is a fraction of what parallel
+// GETs reach (see BenchmarkSequential).
+const windowPieces = 4
+
+// pieceOf returns the size of the fetches a window of w bytes is split
+// into: w/windowPieces in whole blocks, at least MinFetch.
+func (d *Disk) pieceOf(w int64) int64 {
+	return max(d.minFetch, (w/windowPieces+d.bs-1)>>d.shift<<d.shift)
 }
 
 // fill fetches the blocks with data of [b0, b1) that are not cached, in
@@ -464,7 +476,7 @@ func (d *Disk) Prefetch(ctx context.Context, off, n int64) error {
 		return nil
 	}
 	b0, b1 := off>>d.shift, (off+n-1)>>d.shift+1
-	piece := d.maxWin >> d.shift
+	piece := d.pieceOf(d.maxWin) >> d.shift
 	// Claim a bounded number of blocks at a time.
 	chunk := piece * int64(cap(d.sem))
 	for c0 := b0; c0 < b1; c0 += chunk {

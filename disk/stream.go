@@ -34,9 +34,11 @@ type hint struct {
 
 func (t *streamTable) init(minFetch int64) { t.minFetch = minFetch }
 
-// note records a request [off, end) and says which stream it belongs to;
-// tol is how far from a stream's end a request may start and still
-// continue it (requests of one stream may arrive slightly out of order).
+// note records a request [off, end) and says which stream it belongs to.
+// A request starting at most tol past a stream's end continues it (seq);
+// one starting at most tol before the end (a re-read, or requests of one
+// stream arriving out of order) belongs to it without continuing it; any
+// other starts a new stream in the least recently used slot.
 func (t *streamTable) note(off, end, tol int64) hint {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -57,8 +59,11 @@ func (t *streamTable) note(off, end, tol int64) hint {
 	}
 	if best >= 0 {
 		s := &t.s[best]
-		s.next = max(s.next, end)
 		s.used = t.clock
+		if off < s.next {
+			return hint{slot: best, gen: s.gen}
+		}
+		s.next = end
 		return hint{slot: best, gen: s.gen, seq: true}
 	}
 	victim := 0
@@ -98,9 +103,10 @@ func (t *streamTable) fetched(h hint, w, end int64) {
 }
 
 // readahead decides whether a sequential stream whose request ended at
-// end should fetch ahead: when the reader has passed the middle of the
-// last window fetched for it. It returns the range to fetch, [lo, hi),
-// block aligned (bs) and clipped to size, and doubles the window.
+// end should fetch ahead: when less than a window is fetched (or being
+// fetched) ahead of the reader, so that one to two windows are. It
+// returns the range to fetch, [lo, hi), block aligned (bs) and clipped to
+// size, and doubles the window.
 func (t *streamTable) readahead(h hint, end, bs, size, maxWin int64) (lo, hi int64, ok bool) {
 	if !h.seq {
 		return 0, 0, false
@@ -108,7 +114,7 @@ func (t *streamTable) readahead(h hint, end, bs, size, maxWin int64) (lo, hi int
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := &t.s[h.slot]
-	if s.gen != h.gen || s.ahead == 0 || s.ahead >= size || end+s.window/2 < s.ahead {
+	if s.gen != h.gen || s.ahead == 0 || s.ahead >= size || end+s.window < s.ahead {
 		return 0, 0, false
 	}
 	w := min(2*s.window, maxWin)
