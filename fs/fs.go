@@ -601,6 +601,16 @@ func (f *FS) build(infos []objstore.ObjectInfo, probes map[string]probeResult) *
 			delete(f.dirInos, p)
 		}
 	}
+	// Forget what was logged about versions no longer listed.
+	current := make(map[string]bool, len(probes))
+	for k, r := range probes {
+		current[k+"\x00"+r.info.ETag] = true
+	}
+	for k := range f.logged {
+		if !current[k] {
+			delete(f.logged, k)
+		}
+	}
 	slices.SortFunc(errs, cmp.Compare)
 	var b strings.Builder
 	for _, e := range errs {

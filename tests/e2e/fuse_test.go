@@ -500,6 +500,32 @@ func TestFUSE(t *testing.T) {
 		}
 	})
 
+	// A pre-signed URL: the signature shows nowhere (xattr, mount table,
+	// log).
+	t.Run("presigned", func(t *testing.T) {
+		t.Parallel()
+		s := all[slices.IndexFunc(all, func(s served) bool { return s.im.Name == "zstd-64k" })]
+		u := m.PresignGet(t, bucket, s.key, time.Hour)
+		sig := signature(t, u)
+		mnt4 := t.TempDir()
+		p4 := fuseMount(t, nil, mnt4, "--log-level", "debug", "mount", u, mnt4)
+		path := filepath.Join(mnt4, "zstd-64k.raw")
+		if got := fuseSHA(t, path); got != reference(t, dir, s.im.Key).sha256 {
+			t.Error("wrong content")
+		}
+		src := fuseXattr(t, path, "user.snapfs.source")
+		if !strings.HasSuffix(src, "/"+s.key) || strings.Contains(src, "X-Amz-") || strings.Contains(src, sig) {
+			t.Errorf("user.snapfs.source = %q", src)
+		}
+		mi, _ := os.ReadFile("/proc/self/mountinfo")
+		if strings.Contains(string(mi), sig) || strings.Contains(string(mi), "X-Amz-") {
+			t.Error("the mount table shows the signature")
+		}
+		if strings.Contains(p4.stderr.String(), sig) {
+			t.Errorf("the log shows the signature:\n%s", p4.stderr)
+		}
+	})
+
 	t.Run("refresh", func(t *testing.T) {
 		t.Parallel()
 		fuseRefresh(t, m, bucket, dir, corpus)
