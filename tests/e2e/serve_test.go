@@ -182,6 +182,21 @@ func TestServe(t *testing.T) {
 			}()
 		}
 		wg.Wait()
+
+		// The largest request the server advertises, at an odd offset.
+		r := ref(t, "v3-64k.qcow2")
+		c, err := nbdDial("tcp", all.addr, "v3-64k.qcow2", helloGo, time.Now().Add(time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.close()
+		b, errno, err := c.read(12345, 32<<20)
+		if err != nil || errno != 0 {
+			t.Fatalf("32 MiB read: error %d, %v", errno, err)
+		}
+		if d := firstDiff(b, r.bytes(t, 12345, 32<<20)); d != "" {
+			t.Errorf("32 MiB read at 12345: %s", d)
+		}
 	})
 
 	// An unknown export name is refused, and so is the empty name when
@@ -304,6 +319,81 @@ func TestServe(t *testing.T) {
 		}
 		if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("the socket %s is still there after the server exited (%v)", sock, err)
+		}
+	})
+
+	// A pre-signed URL: the export is named by the key's base name, and
+	// the signature shows neither to NBD clients (the description) nor
+	// in the log; NAME=URL still works with the URL's own '='.
+	t.Run("presigned", func(t *testing.T) {
+		t.Parallel()
+		u := m.PresignGet(t, bucket, "vm/zstd-64k.qcow2", time.Hour)
+		sig := signature(t, u)
+		r := ref(t, "zstd-64k.qcow2")
+		for _, c := range []struct{ arg, name string }{{u, "zstd-64k.qcow2"}, {"z=" + u, "z"}} {
+			p := startServe(t, nil, "--log-level", "debug", "--listen", "127.0.0.1:0", c.arg)
+			if !slices.Equal(p.exports, []string{c.name}) {
+				t.Errorf("serve %.40s...: exports %q, want [%s]", c.arg, p.exports, c.name)
+			}
+			res := runTool(t, time.Minute, "nbdinfo", "--list", "--json", p.uri(""))
+			if res.code != 0 {
+				t.Fatalf("%s", res)
+			}
+			if strings.Contains(string(res.stdout), sig) || strings.Contains(string(res.stdout), "X-Amz-") {
+				t.Errorf("nbdinfo --list shows the signature:\n%s", res.stdout)
+			}
+			if !strings.Contains(string(res.stdout), "zstd-64k.qcow2") {
+				t.Errorf("nbdinfo --list: the description does not name the object:\n%s", res.stdout)
+			}
+			checkCopy(t, p.uri(c.name), r)
+			if logs := p.stderr.String(); strings.Contains(logs, sig) || strings.Contains(logs, m.SecretKey) {
+				t.Errorf("serve's log shows the signature:\n%s", tail(logs, 3000))
+			}
+		}
+	})
+
+	// Arguments that leave nothing to serve, or cannot be served, make
+	// serve exit non-zero at once, saying why.
+	t.Run("errors", func(t *testing.T) {
+		t.Parallel()
+		m.Upload(t, bucket, "other/notes.txt", notes)
+		m.Upload(t, bucket, "dup/v3-64k.qcow2", filepath.Join(dir, "v3-64k.qcow2"))
+		busy, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer busy.Close()
+		for _, c := range []struct {
+			args []string
+			says []string
+		}{
+			{[]string{}, []string{"URL"}},
+			{[]string{"a=" + base + "v3-64k.qcow2", "a=" + base + "zlib-64k.qcow2"}, []string{`"a"`}},
+			{[]string{base + "v3-64k.qcow2", "s3://" + bucket + "/dup/v3-64k.qcow2"}, []string{`"v3-64k.qcow2"`}},
+			{[]string{base, base + "v3-64k.qcow2"}, []string{`"v3-64k.qcow2"`}},
+			{[]string{"s3://" + bucket + "/other/"}, []string{"no image"}},
+			{[]string{base + "no-such.qcow2"}, []string{"no-such.qcow2", "not found"}},
+			{[]string{base + "sub/luks.qcow2"}, []string{"sub/luks.qcow2", "encrypt"}},
+			{[]string{base + "sub/notes.txt"}, []string{"sub/notes.txt"}},
+			{[]string{"--listen", busy.Addr().String(), base + "v3-64k.qcow2"}, []string{busy.Addr().String()}},
+			{[]string{"--tls", "require", base + "v3-64k.qcow2"}, []string{"--tls-cert"}},
+		} {
+			args := []string{"serve", "--retries", "2"}
+			if !slices.Contains(c.args, "--listen") {
+				// Not the default port, should it serve after all.
+				args = append(args, "--listen", "127.0.0.1:0")
+			}
+			args = append(args, c.args...)
+			res := runCLI(t, cliRun{args: args, env: env, timeout: 30 * time.Second})
+			if res.code == 0 || res.code == -1 {
+				t.Errorf("exit %d, want an error:\n%s", res.code, res)
+				continue
+			}
+			for _, w := range c.says {
+				if !strings.Contains(strings.ToLower(res.stderr), strings.ToLower(w)) {
+					t.Errorf("the error does not say %q:\n%s", w, res)
+				}
+			}
 		}
 	})
 }
@@ -777,7 +867,27 @@ func TestServeSignals(t *testing.T) {
 	im := byName(t, corpus, "v3-64k")
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
-			p := startServe(t, nil, "--listen", "127.0.0.1:0", fileURL(filepath.Join(dir, im.Key)))
+			args := []string{"--listen", "127.0.0.1:0", fileURL(filepath.Join(dir, im.Key))}
+			var sock string
+			if sig == syscall.SIGINT {
+				// Both a unix socket and TCP.
+				sockDir, err := os.MkdirTemp("", "snapfs-nbd-")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { os.RemoveAll(sockDir) })
+				sock = filepath.Join(sockDir, "s")
+				args = append([]string{"--socket", sock}, args...)
+			}
+			p := startServe(t, nil, args...)
+			if sock != "" {
+				if p.socket != sock || p.addr == "" {
+					t.Fatalf("want listeners on %s and TCP:\n%s", sock, p.stderr)
+				}
+				if out := mustTool(t, time.Minute, "nbdinfo", "--size", "nbd+unix:///?socket="+sock); strings.TrimSpace(string(out)) != "67108864" {
+					t.Errorf("nbdinfo --size over the socket: %s", out)
+				}
+			}
 			idle, err := nbdDial("tcp", p.addr, "", helloGo, time.Now().Add(time.Minute))
 			if err != nil {
 				t.Fatal(err)
@@ -802,6 +912,9 @@ func TestServeSignals(t *testing.T) {
 			if c, err := net.DialTimeout("tcp", p.addr, time.Second); err == nil {
 				c.Close()
 				t.Errorf("%s still accepts connections after serve exited", p.addr)
+			}
+			if _, err := os.Lstat(sock); sock != "" && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the socket %s is still there after serve exited (%v)", sock, err)
 			}
 		})
 	}
