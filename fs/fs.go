@@ -38,6 +38,9 @@ const ErrorsFile = ".snapfs-errors"
 // DefaultListTTL is how long a listing is used before it is refreshed.
 const DefaultListTTL = 60 * time.Second
 
+// DefaultIdleClose is how long an unused device stays open.
+const DefaultIdleClose = 5 * time.Minute
+
 // Extended attributes of every file.
 const (
 	XattrSource      = "user.snapfs.source"       // the object's URL, without any signature
@@ -76,6 +79,10 @@ type Options struct {
 	// ProbeParallelism bounds the images opened at once while listing;
 	// zero means 8.
 	ProbeParallelism int
+	// IdleClose is how long the device of a file stays open after its
+	// last handle closed (keeping its cached blocks and metadata); zero
+	// means DefaultIdleClose.
+	IdleClose time.Duration
 	// Debug logs every FUSE request (go-fuse's debug output).
 	Debug bool
 }
@@ -104,6 +111,8 @@ type FS struct {
 	loopDone chan struct{}
 
 	refreshes int // completed listings, for tests
+
+	refreshMu sync.Mutex // one listing at a time
 }
 
 // snapshot is one listing, immutable once built.
@@ -147,6 +156,7 @@ type object struct {
 	dev     disk.Device
 	opens   int
 	dropped bool
+	idle    *time.Timer // closes the device when it stays unused
 }
 
 // Probe outcomes.
@@ -181,6 +191,9 @@ func New(ctx context.Context, st objstore.Store, key string, opts Options) (*FS,
 	}
 	if opts.ProbeParallelism <= 0 {
 		opts.ProbeParallelism = 8
+	}
+	if opts.IdleClose <= 0 {
+		opts.IdleClose = DefaultIdleClose
 	}
 	f := &FS{
 		st:      st,
@@ -270,6 +283,8 @@ func (f *FS) Files() []string {
 // objects appear, deleted and replaced ones leave (files open on them keep
 // their version). On failure the previous listing stays.
 func (f *FS) Refresh(ctx context.Context) error {
+	f.refreshMu.Lock()
+	defer f.refreshMu.Unlock()
 	f.mu.Lock()
 	closed := f.closed
 	f.mu.Unlock()
@@ -758,6 +773,10 @@ func (f *FS) Close() error {
 func (o *object) acquire(ctx context.Context) (disk.Device, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	if o.idle != nil {
+		o.idle.Stop()
+		o.idle = nil
+	}
 	if o.dev == nil {
 		dev, err := o.f.openDevice(ctx, o)
 		if err != nil {
@@ -772,13 +791,29 @@ func (o *object) acquire(ctx context.Context) (disk.Device, error) {
 	return o.dev, nil
 }
 
-// release gives back a handle's hold on the device.
+// release gives back a handle's hold on the device. The device of a
+// version that left the listing closes at once, others after IdleClose.
 func (o *object) release() {
 	o.mu.Lock()
 	o.opens--
-	last := o.opens == 0 && o.dropped
+	now := o.opens == 0 && o.dropped
+	if o.opens == 0 && !o.dropped && o.dev != nil && o.idle == nil {
+		var t *time.Timer
+		t = time.AfterFunc(o.f.opts.IdleClose, func() {
+			o.mu.Lock()
+			mine := o.idle == t && o.opens == 0
+			if mine {
+				o.idle = nil
+			}
+			o.mu.Unlock()
+			if mine {
+				o.closeDevice()
+			}
+		})
+		o.idle = t
+	}
 	o.mu.Unlock()
-	if last {
+	if now {
 		o.closeDevice()
 	}
 }
@@ -803,6 +838,10 @@ func (o *object) closeDevice() error {
 	}
 	if dev != nil {
 		o.dev = nil
+	}
+	if o.idle != nil {
+		o.idle.Stop()
+		o.idle = nil
 	}
 	o.mu.Unlock()
 	if dev == nil {

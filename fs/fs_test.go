@@ -733,3 +733,48 @@ func TestDeviceExtents(t *testing.T) {
 		t.Errorf("the image reads after the device closed: %v", err)
 	}
 }
+
+// TestDeviceLifetime: a device opens with the first handle, stays open
+// while any is, closes IdleClose after the last, and opens again.
+func TestDeviceLifetime(t *testing.T) {
+	needFUSE(t)
+	dir := testTree(t)
+	f, err := New(context.Background(), fileStore(t, dir), "", Options{ListTTL: -1, IdleClose: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, mnt := mountFS(t, f)
+	open := func() int {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return len(f.devices)
+	}
+	if open() != 0 {
+		t.Fatal("devices open before any file")
+	}
+	ref := rawOf(t, dir, "z.qcow2")
+	for range 2 {
+		a, err := os.Open(filepath.Join(mnt, "z.raw"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.Open(filepath.Join(mnt, "z.raw"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if open() != 1 {
+			t.Errorf("%d devices open for one file", open())
+		}
+		a.Close()
+		time.Sleep(600 * time.Millisecond)
+		if open() != 1 {
+			t.Error("the device closed while a handle is open")
+		}
+		buf := make([]byte, 1<<20)
+		if _, err := b.ReadAt(buf, 5<<20); err != nil || !bytes.Equal(buf, ref[5<<20:6<<20]) {
+			t.Errorf("read: %v", err)
+		}
+		b.Close()
+		eventually(t, 10*time.Second, "the idle device closes", func() bool { return open() == 0 })
+	}
+}

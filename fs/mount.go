@@ -136,11 +136,11 @@ func (m *Mount) Unmount(ctx context.Context) error {
 	select {
 	case <-m.done:
 	default:
-		if err := Unmount(m.dir, true); err != nil {
-			select {
-			case <-m.done: // unmounted meanwhile
-			default:
-				return err
+		if typ, ok, _ := MountType(m.dir); ok && typ == FSType {
+			if err := Unmount(m.dir, true); err != nil {
+				if typ, ok, _ := MountType(m.dir); ok && typ == FSType {
+					return err
+				}
 			}
 		}
 	}
