@@ -920,6 +920,60 @@ func TestServeSignals(t *testing.T) {
 	}
 }
 
+// TestServeTLS: with --tls require, plain clients are refused (libnbd, and
+// the test's client gets NBD_REP_ERR_TLS_REQD) and libnbd's GnuTLS clients
+// read over nbds:// with the CA; a client that does not trust the CA
+// cannot connect. With --tls allow, both work.
+func TestServeTLS(t *testing.T) {
+	t.Parallel()
+	dir, corpus, _ := imageSet(t)
+	im := byName(t, corpus, "zstd-64k")
+	r := rawRef(t, dir, im.Key, t.TempDir())
+	certs, other := t.TempDir(), t.TempDir()
+	writeTLSFiles(t, certs)
+	writeTLSFiles(t, other) // another CA
+	u := fileURL(filepath.Join(dir, im.Key))
+	for _, mode := range []string{"require", "allow"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			p := startServe(t, nil, "--listen", "127.0.0.1:0", "--tls", mode,
+				"--tls-cert", filepath.Join(certs, "server-cert.pem"), "--tls-key", filepath.Join(certs, "server-key.pem"), u)
+			tlsURI := "nbds://" + p.addr + "/?tls-certificates=" + certs
+			res := runTool(t, time.Minute, "nbdinfo", tlsURI)
+			if res.code != 0 || !strings.Contains(string(res.stdout), "with TLS") {
+				t.Errorf("nbdinfo over TLS:\n%s\nstdout:\n%s", res, res.stdout)
+			}
+			if out := mustTool(t, time.Minute, "nbdinfo", "--size", tlsURI); strings.TrimSpace(string(out)) != fmt.Sprint(r.size) {
+				t.Errorf("nbdinfo --size over TLS: %s, want %d", out, r.size)
+			}
+			checkCopy(t, tlsURI, r)
+			if res := runTool(t, time.Minute, "nbdinfo", "--size", "nbds://"+p.addr+"/?tls-certificates="+other); res.code == 0 {
+				t.Errorf("nbdinfo trusting another CA connected over TLS")
+			}
+			plain := runTool(t, time.Minute, "nbdinfo", "--size", p.uri(""))
+			c, err := nbdDial("tcp", p.addr, "", helloGo, time.Now().Add(time.Minute))
+			if mode == "require" {
+				if plain.code == 0 {
+					t.Errorf("nbdinfo without TLS was served with --tls require")
+				}
+				var oe *nbdOptError
+				if !errors.As(err, &oe) || oe.typ != 1<<31|5 {
+					t.Errorf("NBD_OPT_GO without TLS: %v; want NBD_REP_ERR_TLS_REQD", err)
+				}
+				return
+			}
+			if plain.code != 0 || strings.TrimSpace(string(plain.stdout)) != fmt.Sprint(r.size) {
+				t.Errorf("nbdinfo without TLS with --tls allow:\n%s", plain)
+			}
+			if err != nil {
+				t.Fatalf("client without TLS with --tls allow: %v", err)
+			}
+			checkClient(t, "client without TLS", c, r, 5)
+			c.close()
+		})
+	}
+}
+
 // TestAttach: attach needs a kernel NBD device; without one it must say to
 // load the nbd module.
 func TestAttach(t *testing.T) {
