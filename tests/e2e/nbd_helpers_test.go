@@ -17,6 +17,7 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -748,4 +749,42 @@ func writeTLSFiles(t *testing.T, dir string) {
 			t.Fatal(err)
 		}
 	}
+}
+
+var metricsLine = regexp.MustCompile(`(?m)^snapfs: metrics on (http://\S+/metrics)$`)
+
+// metricsURL is the /metrics URL serve printed for --metrics.
+func (p *serveProc) metricsURL(t *testing.T) string {
+	t.Helper()
+	m := metricsLine.FindStringSubmatch(p.stderr.String())
+	if m == nil {
+		t.Fatalf("serve did not say where its metrics are:\n%s", p.stderr)
+	}
+	return m[1]
+}
+
+// scrapeMetrics returns the unlabelled samples of a Prometheus text page.
+func scrapeMetrics(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s, %v", url, resp.Status, err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 2 || strings.HasPrefix(line, "#") || strings.Contains(f[0], "{") {
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[1], 64); err == nil {
+			out[f[0]] = v
+		}
+	}
+	return out
 }

@@ -199,6 +199,32 @@ func TestServe(t *testing.T) {
 		}
 	})
 
+	// Eight nbdcopy at once, with 4 connections each, over four
+	// exports.
+	t.Run("many-copies", func(t *testing.T) {
+		t.Parallel()
+		names := []string{"chain-top.qcow2", "sub/dir/zero.qcow2", "datafile.qcow2", "extl2-top.qcow2"}
+		var wg sync.WaitGroup
+		for i := range 8 {
+			name := names[i%len(names)]
+			r := ref(t, name)
+			out := filepath.Join(t.TempDir(), "copy.raw")
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				res := runTool(t, 2*time.Minute, "nbdcopy", "--connections=4", "--requests=16", all.uri(name), out)
+				if res.code != 0 {
+					t.Errorf("%s", res)
+					return
+				}
+				if sum := sha256File(t, out); sum != r.sha256 {
+					t.Errorf("nbdcopy %d of %s: sha256 %s, want %s", i, name, sum, r.sha256)
+				}
+			}()
+		}
+		wg.Wait()
+	})
+
 	// An unknown export name is refused, and so is the empty name when
 	// there are several exports; the server serves on.
 	t.Run("unknown", func(t *testing.T) {
@@ -640,7 +666,8 @@ func TestServeFaults(t *testing.T) {
 	m := harness.StartMinIO(t)
 	m.MakeBucket(t, "faults")
 	m.Upload(t, "faults", "img/large.qcow2", filepath.Join(dir, "large.qcow2"))
-	p := startServe(t, m.Env(), "--retries", "2", "--listen", "127.0.0.1:0", "s3://faults/img/large.qcow2")
+	p := startServe(t, m.Env(), "--retries", "2", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "s3://faults/img/large.qcow2")
+	metrics := p.metricsURL(t)
 	uri := p.uri("large.qcow2")
 
 	c, err := nbdDial("tcp", p.addr, "large.qcow2", helloGo, time.Now().Add(2*time.Minute))
@@ -690,6 +717,9 @@ func TestServeFaults(t *testing.T) {
 	if !logLine(p.stderr.String(), "request failed", "errno=5", "s3://faults/img/large.qcow2") {
 		t.Errorf("no log line says a request failed with EIO, naming the object:\n%s", tail(p.stderr.String(), 3000))
 	}
+	if v := scrapeMetrics(t, metrics); v["snapfs_fetch_errors_total"] == 0 || v["snapfs_store_errors_total"] == 0 {
+		t.Errorf("metrics with MinIO stopped: fetch errors %v, store errors %v; want some", v["snapfs_fetch_errors_total"], v["snapfs_store_errors_total"])
+	}
 	// New connections are still served.
 	if out := mustTool(t, time.Minute, "nbdinfo", "--size", uri); strings.TrimSpace(string(out)) != fmt.Sprint(r.size) {
 		t.Errorf("nbdinfo --size with MinIO stopped: %s", out)
@@ -717,6 +747,10 @@ func TestServeFaults(t *testing.T) {
 	}
 	stride.check(t, r)
 	checkCopy(t, uri, r)
+	// Nothing is left in flight once the clients are answered.
+	if v := scrapeMetrics(t, metrics); v["snapfs_fetches_in_flight"] != 0 || v["snapfs_store_reads_in_flight"] != 0 {
+		t.Errorf("metrics after the reads: %v fetches and %v store reads in flight, want 0", v["snapfs_fetches_in_flight"], v["snapfs_store_reads_in_flight"])
+	}
 }
 
 // strideReader reads 4 KiB blocks at off, off+stride, ... on its own
