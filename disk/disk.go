@@ -85,6 +85,9 @@ type Disk struct {
 	nblocks  int64
 	minFetch int64
 	maxWin   int64
+	// keepAhead is how far a full-speed sequential stream is read ahead:
+	// two windows, at most 1/16 of the memory tier.
+	keepAhead int64
 
 	cache   *cache.Memory
 	id      uint64 // tags this disk's cache entries
@@ -167,6 +170,9 @@ func New(im Image, opts Options) (*Disk, error) {
 		ctx:      ctx,
 		cancel:   cancel,
 		inflight: make(map[int64]*flight),
+	}
+	if d.cache != nil {
+		d.keepAhead = min(2*maxWin, max(d.cache.Capacity()/16, maxWin))
 	}
 	d.streams.init(minFetch)
 	return d, nil

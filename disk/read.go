@@ -93,8 +93,8 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		h = d.streams.note(off, end, d.bs)
 		// Read ahead before serving the request, which may wait for a
 		// fetch: the next window's GETs overlap with that wait.
-		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin); ok {
-			d.readahead(lo, hi)
+		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin, d.keepAhead); ok {
+			d.readahead(ctx, lo, hi)
 		}
 	}
 	var stack [16]int64
@@ -122,6 +122,40 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // the fetch is widened: to the MinFetch-aligned range around the blocks,
 // or, for a sequential stream, to its (doubled) window.
 func (d *Disk) load(ctx context.Context, p []byte, off int64, missing []int64, h hint) error {
+	// Blocks being fetched need neither the map nor a claim: join their
+	// fetches first (the common case of a reader right behind read-ahead).
+	var early []*flight
+	rest := missing[:0]
+	d.mu.Lock()
+	for _, b := range missing {
+		if f := d.inflight[b]; f != nil {
+			if k := len(early); k == 0 || early[k-1] != f {
+				f.refs.Add(1)
+				early = append(early, f)
+			}
+			continue
+		}
+		rest = append(rest, b)
+	}
+	d.mu.Unlock()
+	if n := int64(len(missing) - len(rest)); n > 0 {
+		d.stats.Misses.Add(n)
+		d.stats.Shared.Add(n)
+	}
+	if len(rest) == 0 {
+		return d.wait(ctx, p, off, early)
+	}
+	if err := d.fetchMissing(ctx, p, off, rest, h); err != nil {
+		for _, f := range early {
+			d.release(f)
+		}
+		return err
+	}
+	return d.wait(ctx, p, off, early)
+}
+
+// fetchMissing is load for blocks that were not being fetched.
+func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []int64, h hint) error {
 	lo, hi := missing[0], missing[len(missing)-1]+1
 	extLo, extHi, win, piece := lo, hi, d.maxWin, d.maxWin
 	if d.cache != nil {
@@ -410,10 +444,11 @@ func (d *Disk) fetch(f *flight) error {
 // readahead starts fetching the blocks with data of [lo, hi) that are
 // neither cached nor being fetched. The blocks are claimed before it
 // returns, so that the reader's next requests join these fetches instead
-// of starting their own.
-func (d *Disk) readahead(lo, hi int64) {
+// of starting their own. ctx (the reader's) bounds only the map lookup;
+// a failure just skips the read-ahead.
+func (d *Disk) readahead(ctx context.Context, lo, hi int64) {
 	b0, b1 := lo>>d.shift, (hi-1)>>d.shift+1
-	d.fill(d.ctx, b0, b1, d.pieceOf(hi-lo)>>d.shift, true)
+	_ = d.fill(ctx, b0, b1, d.pieceOf(hi-lo)>>d.shift, true)
 }
 
 // windowPieces is how many parallel fetches a sequential window is split
@@ -429,7 +464,8 @@ func (d *Disk) pieceOf(w int64) int64 {
 
 // fill fetches the blocks with data of [b0, b1) that are not cached, in
 // pieces of at most pieceBlocks, and with ahead unset waits for them
-// (joining fetches under way).
+// (joining fetches under way). The fetches themselves run until done or
+// Close, whatever happens to ctx.
 func (d *Disk) fill(ctx context.Context, b0, b1, pieceBlocks int64, ahead bool) error {
 	alloc, err := d.allocated(ctx, b0, b1)
 	if err != nil {

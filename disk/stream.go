@@ -103,18 +103,27 @@ func (t *streamTable) fetched(h hint, w, end int64) {
 }
 
 // readahead decides whether a sequential stream whose request ended at
-// end should fetch ahead: when less than a window is fetched (or being
-// fetched) ahead of the reader, so that one to two windows are. It
-// returns the range to fetch, [lo, hi), block aligned (bs) and clipped to
-// size, and doubles the window.
-func (t *streamTable) readahead(h hint, end, bs, size, maxWin int64) (lo, hi int64, ok bool) {
+// end should fetch ahead, and what. While its window grows, a stream
+// fetches the next (doubled) window when less than one window is ahead of
+// the reader; at full size (maxWin) it keeps up to keep bytes ahead, so
+// that the GETs of two windows overlap instead of the reader draining one
+// before the next starts. It returns the range to fetch, [lo, hi), block
+// aligned (bs) and clipped to size.
+func (t *streamTable) readahead(h hint, end, bs, size, maxWin, keep int64) (lo, hi int64, ok bool) {
 	if !h.seq {
 		return 0, 0, false
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	s := &t.s[h.slot]
-	if s.gen != h.gen || s.ahead == 0 || s.ahead >= size || end+s.window < s.ahead {
+	if s.gen != h.gen || s.ahead == 0 || s.ahead >= size {
+		return 0, 0, false
+	}
+	dist := s.window
+	if s.window >= maxWin {
+		dist = max(maxWin, keep)
+	}
+	if s.ahead-end >= dist {
 		return 0, 0, false
 	}
 	w := min(2*s.window, maxWin)
