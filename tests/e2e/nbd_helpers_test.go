@@ -7,9 +7,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -245,43 +247,70 @@ type serveRef struct {
 
 var (
 	serveRefMu sync.Mutex
-	serveRefs  = map[string]*serveRef{}
+	serveRefs  = map[string]*serveRefOnce{}
 )
 
-// rawRef makes (once per image) the raw reference of dir/key in rawDir.
-func rawRef(t *testing.T, dir, key, rawDir string) *serveRef {
+type serveRefOnce struct {
+	once sync.Once
+	r    *serveRef
+	err  error
+}
+
+// rawRef makes (once per image) the raw reference of dir/key, in workDir
+// (shared by the tests, so outside any test's temp dir).
+func rawRef(t *testing.T, dir, key string) *serveRef {
 	t.Helper()
-	path := filepath.Join(dir, key)
-	serveRefMu.Lock()
-	defer serveRefMu.Unlock()
-	if r := serveRefs[path]; r != nil {
-		return r
-	}
-	raw := filepath.Join(rawDir, strings.ReplaceAll(key, "/", "_")+".raw")
-	// From dir: QEMU resolves a data file's name against the working
-	// directory.
-	if res := runToolIn(t, 2*time.Minute, dir, nil, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", key, raw); res.code != 0 {
-		t.Fatalf("%s", res)
-	}
-	r := &serveRef{raw: raw, sha256: sha256File(t, raw)}
-	fi, err := os.Stat(raw)
+	r, err := rawRefErr(t, dir, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.size = fi.Size()
+	return r
+}
+
+// rawRefErr is rawRef for goroutines other than the test's.
+func rawRefErr(t *testing.T, dir, key string) (*serveRef, error) {
+	t.Helper()
+	path := filepath.Join(dir, key)
+	serveRefMu.Lock()
+	e := serveRefs[path]
+	if e == nil {
+		e = &serveRefOnce{}
+		serveRefs[path] = e
+	}
+	serveRefMu.Unlock()
+	e.once.Do(func() { e.r, e.err = makeRawRef(t, dir, key) })
+	return e.r, e.err
+}
+
+func makeRawRef(t *testing.T, dir, key string) (*serveRef, error) {
+	t.Helper()
+	rawDir, err := os.MkdirTemp(workDir, "raw-")
+	if err != nil {
+		return nil, err
+	}
+	raw := filepath.Join(rawDir, filepath.Base(key)+".raw")
+	// From dir: QEMU resolves a data file's name against the working
+	// directory.
+	if res := runToolIn(t, 2*time.Minute, dir, nil, "qemu-img", "convert", "-f", "qcow2", "-O", "raw", key, raw); res.code != 0 {
+		return nil, errors.New(res.String())
+	}
+	r := &serveRef{raw: raw}
+	if r.data, err = os.Open(raw); err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	if r.size, err = io.Copy(h, r.data); err != nil {
+		return nil, err
+	}
+	r.sha256 = hex.EncodeToString(h.Sum(nil))
 	res := runToolIn(t, time.Minute, dir, nil, "qemu-img", "map", "-f", "qcow2", "--output=json", key)
 	if res.code != 0 {
-		t.Fatalf("%s", res)
+		return nil, errors.New(res.String())
 	}
-	out := res.stdout
-	if err := json.Unmarshal(out, &r.mapping); err != nil {
-		t.Fatalf("qemu-img map %s: %v", key, err)
+	if err := json.Unmarshal(res.stdout, &r.mapping); err != nil {
+		return nil, fmt.Errorf("qemu-img map %s: %v", key, err)
 	}
-	if r.data, err = os.Open(raw); err != nil {
-		t.Fatal(err)
-	}
-	serveRefs[path] = r
-	return r
+	return r, nil
 }
 
 // bytes returns n bytes of the raw image at off.
@@ -289,7 +318,7 @@ func (r *serveRef) bytes(t *testing.T, off, n int64) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := r.data.ReadAt(b, off); err != nil {
-		t.Fatalf("reading %s at %d: %v", r.raw, off, err)
+		t.Errorf("reading %s at %d: %v", r.raw, off, err)
 	}
 	return b
 }

@@ -45,7 +45,6 @@ var serveFio = map[string]bool{
 func TestServe(t *testing.T) {
 	t.Parallel()
 	dir, corpus, _ := imageSet(t)
-	rawDir := t.TempDir()
 	m := harness.StartMinIO(t)
 	const bucket = "nbd"
 	m.MakeBucket(t, bucket)
@@ -80,7 +79,9 @@ func TestServe(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rawRef(t, dir, f, rawDir)
+			if _, err := rawRefErr(t, dir, f); err != nil {
+				t.Error(err)
+			}
 		}()
 	}
 	all := startServe(t, env, "--log-level", "info", "--listen", "127.0.0.1:0", base)
@@ -93,7 +94,7 @@ func TestServe(t *testing.T) {
 		if !ok {
 			t.Fatalf("no export %q", export)
 		}
-		return rawRef(t, dir, f, rawDir)
+		return rawRef(t, dir, f)
 	}
 
 	// nbdinfo --list names every image, and nothing else; the objects
@@ -205,24 +206,25 @@ func TestServe(t *testing.T) {
 		t.Parallel()
 		names := []string{"chain-top.qcow2", "sub/dir/zero.qcow2", "datafile.qcow2", "extl2-top.qcow2"}
 		var wg sync.WaitGroup
+		outs := make([]string, 8)
+		results := make([]*toolResult, 8)
 		for i := range 8 {
-			name := names[i%len(names)]
-			r := ref(t, name)
-			out := filepath.Join(t.TempDir(), "copy.raw")
+			outs[i] = filepath.Join(t.TempDir(), "copy.raw")
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				res := runTool(t, 2*time.Minute, "nbdcopy", "--connections=4", "--requests=16", all.uri(name), out)
-				if res.code != 0 {
-					t.Errorf("%s", res)
-					return
-				}
-				if sum := sha256File(t, out); sum != r.sha256 {
-					t.Errorf("nbdcopy %d of %s: sha256 %s, want %s", i, name, sum, r.sha256)
-				}
+				results[i] = runTool(t, 2*time.Minute, "nbdcopy", "--connections=4", "--requests=16", all.uri(names[i%len(names)]), outs[i])
 			}()
 		}
 		wg.Wait()
+		for i, res := range results {
+			name := names[i%len(names)]
+			if res.code != 0 {
+				t.Errorf("%s", res)
+			} else if sum, want := sha256File(t, outs[i]), ref(t, name).sha256; sum != want {
+				t.Errorf("nbdcopy %d of %s: sha256 %s, want %s", i, name, sum, want)
+			}
+		}
 	})
 
 	// An unknown export name is refused, and so is the empty name when
@@ -662,7 +664,7 @@ func TestServeFaults(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	images.Large(t, dir, "large.qcow2", 64<<20, 3)
-	r := rawRef(t, dir, "large.qcow2", t.TempDir())
+	r := rawRef(t, dir, "large.qcow2")
 	m := harness.StartMinIO(t)
 	m.MakeBucket(t, "faults")
 	m.Upload(t, "faults", "img/large.qcow2", filepath.Join(dir, "large.qcow2"))
@@ -962,7 +964,7 @@ func TestServeTLS(t *testing.T) {
 	t.Parallel()
 	dir, corpus, _ := imageSet(t)
 	im := byName(t, corpus, "zstd-64k")
-	r := rawRef(t, dir, im.Key, t.TempDir())
+	r := rawRef(t, dir, im.Key)
 	certs, other := t.TempDir(), t.TempDir()
 	writeTLSFiles(t, certs)
 	writeTLSFiles(t, other) // another CA
@@ -1035,7 +1037,7 @@ func TestAttach(t *testing.T) {
 		if _, err := os.Stat("/sys/block/nbd0/pid"); err == nil {
 			t.Skip("/dev/nbd0 is in use")
 		}
-		r := rawRef(t, dir, byName(t, corpus, "v3-64k").Key, t.TempDir())
+		r := rawRef(t, dir, byName(t, corpus, "v3-64k").Key)
 		p := &serveProc{stderr: &lockedBuffer{}, done: make(chan struct{})}
 		cmd := exec.Command(snapfsBin, "attach", u, "/dev/nbd0")
 		cmd.Env = cleanEnv()
