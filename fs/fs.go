@@ -9,6 +9,14 @@
 // read-only file .snapfs-errors at the root. The listing is refreshed every
 // Options.ListTTL; a file keeps serving the object version (ETag) it was
 // opened with, and fails with EIO once that version is gone.
+//
+// Reads go through the lazy disk layer (DiskDevice: one device per open
+// object version, sharing a memory cache), in requests of up to MaxRead
+// with the kernel reading ahead ReadAheadKB; SEEK_DATA and SEEK_HOLE come
+// from the device's extents, st_blocks from the image's allocated bytes.
+//
+// Typical use: New, then FS.Mount, then Mount.Wait (or Mount.Unmount on a
+// signal).
 package fs
 
 import (
