@@ -176,7 +176,7 @@ func TestGenerateFuzzSeeds(t *testing.T) {
 	}
 	run(t, dir, "qemu-img", "snapshot", "-c", "s1", "v3-512")
 	run(t, dir, "qemu-img", "bitmap", "--add", "v3-4k-lazy", "bm")
-	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x", "-o",
+	runFlaky(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=x", "-o",
 		"cluster_size=4k,encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", "luks", "1M")
 	writeRaw(t, filepath.Join(dir, "src.raw"), 256<<10, 1)
 	run(t, dir, "qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", "src.raw", "comp-zlib")

@@ -128,6 +128,25 @@ func run(t testing.TB, dir string, name string, args ...string) string {
 	return string(out)
 }
 
+// runFlaky is run for commands that may fail for reasons outside the test:
+// qemu-img's LUKS key-slot calibration fails with "Unable to get accurate
+// CPU usage" when the thread CPU clock reads 0 ms, which happens on a
+// loaded machine. It retries a few times before failing the test.
+func runFlaky(t testing.TB, dir string, name string, args ...string) string {
+	t.Helper()
+	var out []byte
+	var err error
+	for range 5 {
+		cmd := exec.Command(name, args...)
+		cmd.Dir = dir
+		if out, err = cmd.CombinedOutput(); err == nil {
+			return string(out)
+		}
+	}
+	t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	return ""
+}
+
 // qio runs qemu-io commands on an image.
 func qio(t testing.TB, dir, img string, fmtName string, cmds ...string) {
 	t.Helper()

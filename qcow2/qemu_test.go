@@ -317,7 +317,7 @@ func TestQemuExternalDataFile(t *testing.T) {
 func TestQemuLUKSRefused(t *testing.T) {
 	needQemu(t)
 	dir := t.TempDir()
-	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
+	runFlaky(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=x",
 		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "img.qcow2", "4M")
 	st := newDirStore(dir)
 	_, err := Open(context.Background(), st, "img.qcow2", nil)

@@ -230,7 +230,7 @@ func Corpus(t testing.TB, dir string) []Image {
 	}
 
 	// Encrypted images: valid, refused.
-	b.run("qemu-img", "create", "-q", "-f", "qcow2",
+	b.runFlaky("qemu-img", "create", "-q", "-f", "qcow2",
 		"--object", "secret,id=sec0,data=snapfs-test",
 		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
 		"luks.qcow2", "4M")

@@ -120,6 +120,33 @@ func newBuilder(t testing.TB, dir string) *builder {
 // run runs a command in the directory and returns its standard output.
 func (b *builder) run(name string, args ...string) string {
 	b.t.Helper()
+	return b.runTries(1, name, args...)
+}
+
+// runFlaky is run for commands that may fail for reasons outside the test:
+// qemu-img's LUKS key-slot calibration fails with "Unable to get accurate
+// CPU usage" when the thread CPU clock reads 0 ms on a loaded machine.
+func (b *builder) runFlaky(name string, args ...string) string {
+	b.t.Helper()
+	return b.runTries(5, name, args...)
+}
+
+// runTries runs a command in the image directory, up to tries times until
+// it succeeds, and fails the test if it never does.
+func (b *builder) runTries(tries int, name string, args ...string) string {
+	b.t.Helper()
+	for try := 1; ; try++ {
+		out, err := b.try(name, args...)
+		if err == nil {
+			return out
+		}
+		if try >= tries {
+			b.t.Fatalf("%v", err)
+		}
+	}
+}
+
+func (b *builder) try(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	cmd.Dir = b.dir
 	var out, errb bytes.Buffer
@@ -130,9 +157,9 @@ func (b *builder) run(name string, args ...string) string {
 		b.t.Logf("images: %v %s %s", time.Since(start).Round(time.Millisecond), name, strings.Join(args, " "))
 	}
 	if err != nil {
-		b.t.Fatalf("images: %s %s (in %s): %v\n%s%s", name, strings.Join(args, " "), b.dir, err, out.String(), errb.String())
+		return "", fmt.Errorf("images: %s %s (in %s): %v\n%s%s", name, strings.Join(args, " "), b.dir, err, out.String(), errb.String())
 	}
-	return out.String()
+	return out.String(), nil
 }
 
 // create runs `qemu-img create -f qcow2 [-o opts] file size`.
