@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -377,6 +378,39 @@ func TestServe(t *testing.T) {
 			if logs := p.stderr.String(); strings.Contains(logs, sig) || strings.Contains(logs, m.SecretKey) {
 				t.Errorf("serve's log shows the signature:\n%s", tail(logs, 3000))
 			}
+		}
+	})
+
+	// Keys with spaces, '#', '%', '+' and non-ASCII letters are exported
+	// under those names, which clients give URI-escaped.
+	t.Run("odd-names", func(t *testing.T) {
+		t.Parallel()
+		keys := []string{"my disk #1.qcow2", "ü/100%.qcow2", "a+b.qcow2"}
+		for _, k := range keys {
+			m.Upload(t, bucket, "names/"+k, filepath.Join(dir, "extl2.qcow2"))
+		}
+		p := startServe(t, env, "--listen", "127.0.0.1:0", "s3://"+bucket+"/names/")
+		if got, want := slices.Sorted(slices.Values(p.exports)), slices.Sorted(slices.Values(keys)); !slices.Equal(got, want) {
+			t.Errorf("exports %q, want %q", got, want)
+		}
+		r := ref(t, "extl2.qcow2")
+		for _, k := range keys {
+			var esc []string
+			for _, seg := range strings.Split(k, "/") {
+				esc = append(esc, url.PathEscape(seg))
+			}
+			hw := newHashWriter()
+			res := runToolOut(t, time.Minute, hw, "nbdcopy", p.uri(strings.Join(esc, "/")), "-")
+			if res.code != 0 || hw.sum() != r.sha256 {
+				t.Errorf("nbdcopy of %q: sha256 %s, want %s\n%s", k, hw.sum(), r.sha256, res)
+			}
+			c, err := nbdDial("tcp", p.addr, k, helloGo, time.Now().Add(time.Minute))
+			if err != nil {
+				t.Errorf("NBD_OPT_GO %q: %v", k, err)
+				continue
+			}
+			checkClient(t, k, c, r, 11)
+			c.close()
 		}
 	})
 
