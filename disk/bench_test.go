@@ -208,12 +208,15 @@ func benchRandom(b *testing.B, e *benchEnv, model string, mf int64, readers int)
 // BenchmarkSequential reads the whole disk in order (a fresh Disk per
 // iteration) with 4 KiB and 128 KiB requests; "limit" reads the object
 // with 16 parallel 8 MiB GETs and no Disk, the GET limit to compare with.
+// cpu-ms/op is this process's CPU time (MinIO runs in another).
 func BenchmarkSequential(b *testing.B) {
 	e := startBench(b)
 	for _, model := range benchModels {
 		b.Run(model+"/limit", func(b *testing.B) {
 			b.SetBytes(benchSize)
 			st := e.stores[model]
+			c0 := cpuTime()
+			defer func() { b.ReportMetric(float64((cpuTime()-c0).Milliseconds())/float64(b.N), "cpu-ms/op") }()
 			for range b.N {
 				var eg errgroup.Group
 				eg.SetLimit(16)
@@ -237,10 +240,12 @@ func BenchmarkSequential(b *testing.B) {
 					ctx := context.Background()
 					p := make([]byte, req)
 					var fetches int64
+					var cpu time.Duration
 					b.ResetTimer()
 					for range b.N {
 						b.StopTimer()
 						d, closeDisk := e.open(b, model, mf)
+						c0 := cpuTime()
 						b.StartTimer()
 						for off := int64(0); off < d.Size(); off += int64(req) {
 							if _, err := d.ReadAt(ctx, p, off); err != nil {
@@ -248,12 +253,14 @@ func BenchmarkSequential(b *testing.B) {
 							}
 						}
 						b.StopTimer()
+						cpu += cpuTime() - c0
 						fetches += d.Stats().Fetches
 						closeDisk()
 						b.StartTimer()
 					}
 					b.StopTimer()
 					b.ReportMetric(float64(fetches)/float64(b.N), "GETs/op")
+					b.ReportMetric(float64(cpu.Milliseconds())/float64(b.N), "cpu-ms/op")
 				})
 			}
 		}
