@@ -134,7 +134,7 @@ func logSkipped(fs []found) {
 		switch {
 		case f.reason == nil:
 		case errors.Is(f.reason, qcow2.ErrNotQCOW2):
-			slog.Info("not a QCOW2 image, left out", "object", f.key)
+			slog.Warn("not a QCOW2 image, left out", "object", f.key)
 		default:
 			slog.Warn("image left out", "object", f.key, "reason", f.reason)
 		}
