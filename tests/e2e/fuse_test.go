@@ -1014,9 +1014,18 @@ func TestFUSEMountHelper(t *testing.T) {
 		if err := unix.Stat(filepath.Join(mnt, "vm.raw"), &st); err != nil || st.Uid != 77 {
 			t.Errorf("uid=77 was not applied: uid %d (%v)", st.Uid, err)
 		}
-		c := exec.Command("umount", mnt)
-		if out, err := c.CombinedOutput(); err != nil {
-			t.Errorf("umount: %v\n%s", err, out)
+		// The kernel may hold the just-closed file a moment longer: umount
+		// then says "target is busy". Retry that for a few seconds.
+		for try := 0; ; try++ {
+			out, err := exec.Command("umount", mnt).CombinedOutput()
+			if err == nil {
+				break
+			}
+			if !strings.Contains(string(out), "busy") || try == 20 {
+				t.Errorf("umount: %v\n%s", err, out)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 		if fuseMountType(mnt) != "" {
 			t.Error("still mounted after umount")
