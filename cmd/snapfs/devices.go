@@ -71,18 +71,10 @@ func (d *devices) store(c *cli.Context, rawURL string) (objstore.Store, string, 
 	return openStoreWith(c, rawURL, d.metrics)
 }
 
-// open returns the lazy device of the image at key in st.
+// open returns the lazy device of the image at key in st; closing the
+// device closes the image.
 func (d *devices) open(ctx context.Context, st objstore.Store, key string) (*disk.Disk, error) {
-	im, err := qcow2.Open(ctx, st, key, nil)
-	if err != nil {
-		return nil, err
-	}
-	dev, err := disk.New(im, d.opts)
-	if err != nil {
-		im.Close()
-		return nil, err
-	}
-	return dev, nil
+	return disk.Open(ctx, st, key, nil, d.opts)
 }
 
 // close releases the shared cache.
