@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path"
+	"runtime/debug"
 	"strings"
 
 	"github.com/dustin/go-humanize"
@@ -56,6 +58,7 @@ func newDevices(c *cli.Context) (*devices, error) {
 			return nil, err
 		}
 	}
+	setGC(size)
 	if s := c.String("min-get"); s != "" {
 		if d.opts.MinFetch, err = parseBytes("min-get", s); err != nil {
 			return nil, err
@@ -64,6 +67,22 @@ func newDevices(c *cli.Context) (*devices, error) {
 	d.opts.MaxInFlight = c.Int("max-inflight")
 	d.opts.Cache, d.opts.Stats, d.opts.Metrics = d.mem, d.stats, d.metrics
 	return d, nil
+}
+
+// gcPercent is the GOGC that serving processes use unless GOGC is set.
+// The cache is long-lived and pointer-free, so collections are cheap, while
+// the default of 100 lets the heap grow to twice the live cache. Measured
+// here (1 GiB image, 512 MiB cache, nbdcopy twice): GOGC=100 peaks at
+// 1.52 GB RSS in 2.3 s, GOGC=25 at 0.98-1.08 GB in 2.3-2.6 s; a
+// GOMEMLIMIT of cache+100 MiB peaks at 0.8 GB but takes 6 s (the live set
+// exceeds it: the GC thrashes).
+const gcPercent = 25
+
+// setGC tunes the garbage collector for a cache of cacheSize bytes.
+func setGC(cacheSize int64) {
+	if os.Getenv("GOGC") == "" && cacheSize > 0 {
+		debug.SetGCPercent(gcPercent)
+	}
 }
 
 // store opens the store behind rawURL, counted in the shared metrics.
