@@ -1,5 +1,5 @@
 // Package bench measures snapfs against peers on the same machine, in the
-// same run, and prints ratios. Run: go test ./bench -run '^$' -bench . -benchtime 1x -timeout 60m
+// same run, and prints ratios. Run: go test ./bench -run '^$' -bench Cat -benchtime 1x -timeout 30m (and -bench NBD: see nbd_test.go)
 package bench
 
 import (
