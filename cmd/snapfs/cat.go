@@ -31,7 +31,7 @@ func catCommand() *cli.Command {
 			&cli.Int64Flag{Name: "chunk", Value: 8 << 20, Usage: "guest bytes per read (at least 4 MiB)"},
 			&cli.BoolFlag{Name: "progress", Usage: "show a progress bar (default: when stderr is a terminal)"},
 		),
-		Action: runCat,
+		Action: withImage(runCat),
 	}
 }
 
@@ -45,16 +45,7 @@ type catJob struct {
 	done   chan error
 }
 
-func runCat(c *cli.Context) error {
-	u, err := oneURL(c)
-	if err != nil {
-		return err
-	}
-	im, err := openImage(c, u)
-	if err != nil {
-		return err
-	}
-	defer im.Close()
+func runCat(c *cli.Context, im *qcow2.Image) error {
 
 	chunk := max(c.Int64("chunk"), minCatChunk)
 	if cs := im.ClusterSize(); chunk%cs != 0 {
@@ -63,6 +54,7 @@ func runCat(c *cli.Context) error {
 	jobs := max(c.Int("jobs"), 1)
 
 	var out *os.File
+	var err error
 	toFile := c.String("output") != ""
 	if toFile {
 		out, err = os.OpenFile(c.String("output"), os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)

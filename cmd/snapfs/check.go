@@ -24,20 +24,11 @@ func checkCommand() *cli.Command {
 		Description: "Exit status: 0 clean, 1 the image could not be opened, " +
 			"2 corruption found, 3 leaked clusters only.",
 		Flags:  withGlobal(&cli.BoolFlag{Name: "json", Usage: "print JSON like qemu-img check --output=json"}),
-		Action: runCheck,
+		Action: withImage(runCheck),
 	}
 }
 
-func runCheck(c *cli.Context) error {
-	u, err := oneURL(c)
-	if err != nil {
-		return err
-	}
-	im, err := openImage(c, u)
-	if err != nil {
-		return err
-	}
-	defer im.Close()
+func runCheck(c *cli.Context, im *qcow2.Image) error {
 	rep, err := im.Check(c.Context)
 	if err != nil {
 		return err

@@ -116,6 +116,23 @@ func openImage(c *cli.Context, rawURL string) (*qcow2.Image, error) {
 	return qcow2.Open(c.Context, st, key, nil)
 }
 
+// withImage adapts an action on one opened image to a command taking one
+// URL: it opens the image and closes it when the action returns.
+func withImage(action func(*cli.Context, *qcow2.Image) error) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		u, err := oneURL(c)
+		if err != nil {
+			return err
+		}
+		im, err := openImage(c, u)
+		if err != nil {
+			return err
+		}
+		defer im.Close()
+		return action(c, im)
+	}
+}
+
 // oneURL returns the single URL argument of c.
 func oneURL(c *cli.Context) (string, error) {
 	if c.NArg() != 1 {

@@ -17,7 +17,7 @@ func mapCommand() *cli.Command {
 		Usage:     "print the image's extents, like qemu-img map",
 		ArgsUsage: "URL",
 		Flags:     withGlobal(&cli.BoolFlag{Name: "json", Usage: "print JSON like qemu-img map --output=json (plus \"compressed\")"}),
-		Action:    runMap,
+		Action:    withImage(runMap),
 	}
 }
 
@@ -25,16 +25,7 @@ func mapCommand() *cli.Command {
 // extent list of a huge fragmented image is never held whole.
 const mapWindow = 1 << 30
 
-func runMap(c *cli.Context) error {
-	u, err := oneURL(c)
-	if err != nil {
-		return err
-	}
-	im, err := openImage(c, u)
-	if err != nil {
-		return err
-	}
-	defer im.Close()
+func runMap(c *cli.Context, im *qcow2.Image) error {
 	w := bufio.NewWriterSize(os.Stdout, 64<<10)
 	defer w.Flush()
 	var p extentPrinter
