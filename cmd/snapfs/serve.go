@@ -51,6 +51,11 @@ func runServe(c *cli.Context) error {
 	if c.NArg() == 0 {
 		return cli.Exit("serve needs at least one URL (see snapfs serve --help)", 2)
 	}
+	devs, err := newDevices(c)
+	if err != nil {
+		return err
+	}
+	defer devs.close() // after the devices below, which use its cache
 	var exports []nbd.Export
 	var closers []func()
 	defer func() {
@@ -71,11 +76,6 @@ func runServe(c *cli.Context) error {
 		exports = append(exports, nbd.Export{Name: name, Description: desc, Device: dev})
 		return nil
 	}
-	devs, err := newDevices(c)
-	if err != nil {
-		return err
-	}
-	defer devs.close()
 	for _, arg := range c.Args().Slice() {
 		name, u := splitNamed(arg)
 		st, key, err := devs.store(c, u)
