@@ -304,10 +304,15 @@ func resolveName(key, name, what string) (string, error) {
 
 // readFull reads len(p) bytes of key at off; the range must exist.
 func (im *Image) readFull(ctx context.Context, key string, p []byte, off int64) error {
+	return readFull(ctx, im.st, key, p, off)
+}
+
+// readFull reads len(p) bytes of key in st at off; the range must exist.
+func readFull(ctx context.Context, st objstore.Store, key string, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	n, err := im.st.ReadAt(ctx, key, p, off, objstore.ReadOptions{})
+	n, err := st.ReadAt(ctx, key, p, off, objstore.ReadOptions{})
 	if n == len(p) {
 		return nil
 	}
@@ -317,8 +322,9 @@ func (im *Image) readFull(ctx context.Context, key string, p []byte, off int64) 
 	return err
 }
 
-// readZeroFill reads p from key at off; bytes past size read as zeros.
-func (im *Image) readZeroFill(ctx context.Context, key string, size int64, p []byte, off int64) error {
+// readZeroFill reads p from key in st at off, where the object holds size
+// bytes; bytes past size read as zeros.
+func readZeroFill(ctx context.Context, st objstore.Store, key string, size int64, p []byte, off int64) error {
 	if off >= size {
 		clear(p)
 		return nil
@@ -327,7 +333,7 @@ func (im *Image) readZeroFill(ctx context.Context, key string, size int64, p []b
 		clear(p[avail:])
 		p = p[:avail]
 	}
-	return im.readFull(ctx, key, p, off)
+	return readFull(ctx, st, key, p, off)
 }
 
 // Size returns the virtual size of the disk in bytes.
@@ -507,7 +513,7 @@ func (im *Image) execute(ctx context.Context, pl *readPlan) error {
 	var tasks []func(context.Context) error
 	for _, d := range pl.data {
 		tasks = append(tasks, func(ctx context.Context) error {
-			if err := im.readZeroFill(ctx, im.dataKey, im.dataObj.Size, d.dst, d.host); err != nil {
+			if err := readZeroFill(ctx, im.st, im.dataKey, im.dataObj.Size, d.dst, d.host); err != nil {
 				return &Error{URL: im.dataURL, Offset: d.guest, Err: err}
 			}
 			return nil
@@ -717,23 +723,10 @@ func (r *rawLayer) URL() string  { return r.url }
 func (r *rawLayer) Close() error { return nil }
 
 func (r *rawLayer) readLayer(ctx context.Context, p []byte, off int64) error {
-	size := r.obj.Size
-	if off >= size {
-		clear(p)
-		return nil
+	if err := readZeroFill(ctx, r.st, r.key, r.obj.Size, p, off); err != nil {
+		return &Error{URL: r.url, Offset: off, Err: err}
 	}
-	if avail := size - off; int64(len(p)) > avail {
-		clear(p[avail:])
-		p = p[:avail]
-	}
-	n, err := r.st.ReadAt(ctx, r.key, p, off, objstore.ReadOptions{})
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return &Error{URL: r.url, Offset: off, Err: err}
+	return nil
 }
 
 func (r *rawLayer) mapLayer(ctx context.Context, off, length int64, depth int, out []Extent) ([]Extent, error) {
