@@ -22,6 +22,7 @@ import (
 	"github.com/minio/minio-go/v7"
 	"golang.org/x/sys/unix"
 
+	"github.com/snapfs/snapfs/fs"
 	"github.com/snapfs/snapfs/tests/harness"
 	"github.com/snapfs/snapfs/tests/images"
 )
@@ -51,23 +52,7 @@ func fuseNeed(t *testing.T) {
 // fuseMountType returns the file system type mounted at dir (per
 // /proc/self/mountinfo), or "" when nothing is.
 func fuseMountType(dir string) string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return ""
-	}
-	typ := ""
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 10 || strings.ReplaceAll(f[4], `\040`, " ") != dir {
-			continue
-		}
-		for i := 6; i < len(f)-1; i++ {
-			if f[i] == "-" {
-				typ = f[i+1]
-				break
-			}
-		}
-	}
+	typ, _, _ := fs.MountType(dir)
 	return typ
 }
 
