@@ -105,7 +105,7 @@ type Disk struct {
 	keepAhead int64
 
 	cache   *cache.Memory
-	id      uint64 // tags this disk's cache entries
+	id      uint64 // the tag of this disk's cache entries: a key reused by a later disk (ids wrap after 2^24) misses
 	keyBase uint64
 
 	stats   *Stats
