@@ -112,6 +112,7 @@ type Disk struct {
 	metrics *objstore.Metrics
 	sem     chan struct{}
 	streams streamTable
+	dense   denseTable
 
 	ctx    context.Context // cancelled by Close; fetches run under it
 	cancel context.CancelFunc

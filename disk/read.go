@@ -88,7 +88,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		h = d.streams.note(off, end, d.bs)
 		// Read ahead before serving the request, which may wait for a
 		// fetch: the next window's GETs overlap with that wait.
-		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin, d.keepAhead); ok {
+		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.regionBlocks()<<d.shift, d.size, d.maxWin, d.keepAhead); ok {
 			d.readahead(ctx, lo, hi)
 		}
 	}
@@ -156,7 +156,10 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 		if h.seq {
 			win = min(2*d.streams.window(h), d.maxWin)
 			piece = d.pieceOf(win)
-			extHi = max(hi, lo+win>>d.shift)
+			// Up to the end of the region: a parallel copier's
+			// requests arrive out of order, and region-aligned fetches
+			// do not leave slivers between them.
+			extHi = roundUp(max(hi, lo+win>>d.shift), d.regionBlocks())
 		} else {
 			win, piece = d.minFetch, d.minFetch
 			mf := d.minFetch >> d.shift
@@ -187,6 +190,9 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 	if len(need) == 0 {
 		return nil
 	}
+	if d.cache != nil {
+		d.fetchDense(ctx, need[0])
+	}
 	d.mu.Lock()
 	if d.closed.Load() {
 		d.mu.Unlock()
@@ -205,6 +211,20 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 	}
 	d.launch(own)
 	return d.wait(ctx, p, off, own, joined)
+}
+
+// fetchDense notes a miss of block b and, when its region has become
+// dense (see denseTable), starts fetching the region's blocks with data
+// that are neither cached nor being fetched, in pieces of up to a region,
+// so that the reader (and the next ones) join those fetches.
+func (d *Disk) fetchDense(ctx context.Context, b int64) {
+	rb := d.regionBlocks()
+	r := b / rb
+	if !d.dense.miss(r) {
+		return
+	}
+
+	_ = d.fill(ctx, r*rb, min((r+1)*rb, d.nblocks), rb, true)
 }
 
 // allocated returns, for each block of [b0, b1), whether it holds data
@@ -358,6 +378,7 @@ func (d *Disk) wait(ctx context.Context, p []byte, off int64, lists ...[]*flight
 // readers and the memory tier, and unregisters it.
 func (d *Disk) run(f *flight) {
 	defer d.wg.Done()
+
 	if err := d.fetch(f); err != nil {
 		d.stats.FetchErrors.Add(1)
 		f.err = err
@@ -440,10 +461,17 @@ func (d *Disk) readahead(ctx context.Context, lo, hi int64) {
 const windowPieces = 4
 
 // pieceOf returns the size of the fetches a window of w bytes is split
-// into: w/windowPieces in whole blocks, at least MinFetch.
+// into: w/windowPieces in whole blocks, at least a dense region and
+// MinFetch. Small GETs cost the store about as much CPU as large ones.
 func (d *Disk) pieceOf(w int64) int64 {
-	return max(d.minFetch, (w/windowPieces+d.bs-1)>>d.shift<<d.shift)
+	return max(d.minFetch, d.regionBlocks()<<d.shift, (w/windowPieces+d.bs-1)>>d.shift<<d.shift)
 }
+
+// regionBlocks returns the blocks per dense region (at least one).
+func (d *Disk) regionBlocks() int64 { return max(int64(denseRegion)>>d.shift, 1) }
+
+// roundUp rounds v up to a multiple of m.
+func roundUp(v, m int64) int64 { return (v + m - 1) / m * m }
 
 // fill fetches the blocks with data of [b0, b1) that are not cached, in
 // pieces of at most pieceBlocks, and with ahead unset waits for them
