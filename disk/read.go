@@ -414,8 +414,19 @@ func (d *Disk) unregister(f *flight) {
 	d.mu.Unlock()
 }
 
-// fetch reads f's range from the image, at most cap(d.sem) at a time.
+// fetch reads f's range from the image, at most cap(d.sem) at a time, and
+// of those at most cap(d.bigSem) larger than MinFetch.
 func (d *Disk) fetch(f *flight) error {
+	if f.len > d.minFetch {
+		// Large fetches also take a slot of bigSem, before one of sem,
+		// so that waiting for it never holds up small reads.
+		select {
+		case d.bigSem <- struct{}{}:
+		case <-d.ctx.Done():
+			return errClosed
+		}
+		defer func() { <-d.bigSem }()
+	}
 	select {
 	case d.sem <- struct{}{}:
 	case <-d.ctx.Done():
