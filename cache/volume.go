@@ -60,7 +60,7 @@ type VolumeState struct {
 	Granularity  int64  `json:"granularity"`
 	TargetSize   int64  `json:"target_size"`
 	Complete     bool   `json:"complete"`
-	Modified     bool   `json:"modified"` // written by clients (no longer a copy of the image)
+	Modified     bool   `json:"modified"`      // written by clients (no longer a copy of the image)
 	PresentBytes int64  `json:"present_bytes"` // bytes of the target marked present
 	Updated      string `json:"updated"`       // RFC 3339 time of the last flush
 }
