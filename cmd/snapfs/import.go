@@ -40,6 +40,7 @@ func importCommand() *cli.Command {
 			&cli.IntFlag{Name: "jobs", Aliases: []string{"j"}, Value: disk.DefaultHydrateWorkers, Usage: "reads in flight"},
 			&cli.StringFlag{Name: "chunk", Value: "8MiB", Usage: "guest bytes per read"},
 			&cli.BoolFlag{Name: "progress", Usage: "show a progress bar (default: when stderr is a terminal)"},
+			&cli.StringFlag{Name: "flush-batch", Hidden: true, Usage: "newly local bytes that make the state file be written (default 32MiB; also every second)"},
 		)...),
 		Action: runImport,
 	}

@@ -61,8 +61,14 @@ func openVolume(c *cli.Context, st objstore.Store, key, target string, writable 
 		return nil, err
 	}
 	g := max(im.ClusterSize(), cache.DefaultGranularity)
-	vol, err := cache.OpenVolume(target, cache.VolumeSource{URL: st.URL(key), ETag: info.ETag, VirtualSize: im.Size(), Granularity: g},
-		cache.VolumeOptions{StatePath: c.String("state"), Size: size})
+	vopts := cache.VolumeOptions{StatePath: c.String("state"), Size: size}
+	if s := c.String("flush-batch"); s != "" {
+		if vopts.FlushBytes, err = parseBytes("flush-batch", s); err != nil {
+			im.Close()
+			return nil, err
+		}
+	}
+	vol, err := cache.OpenVolume(target, cache.VolumeSource{URL: st.URL(key), ETag: info.ETag, VirtualSize: im.Size(), Granularity: g}, vopts)
 	if err != nil {
 		im.Close()
 		return nil, err
