@@ -309,7 +309,7 @@ func TestImportKill9(t *testing.T) {
 	args := []string{"import", "--bandwidth", "2MiB", "--flush-batch", "1MiB", "--chunk", "1MiB", "--jobs", "2", "s3://kill/kill.qcow2", target}
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
 	kills := 0
-	var present []float64
+	var present []int64 // KiB
 	for kills < 20 {
 		cmd := exec.Command(snapfsBin, args...)
 		cmd.Env = append(cleanEnv(), env...)
@@ -331,7 +331,7 @@ func TestImportKill9(t *testing.T) {
 		kills++
 		st, _ := volumeStatus(t, target)
 		pb, _ := st["present_bytes"].(float64)
-		present = append(present, pb)
+		present = append(present, int64(pb)>>10)
 		if s := errb.String(); strings.Contains(s, "panic:") {
 			t.Fatalf("importer crashed:\n%s", s)
 		}
@@ -352,7 +352,7 @@ func TestImportKill9(t *testing.T) {
 		}
 	}
 	limit := alloc + alloc/20 + int64(kills)*(batch+jobs*chunk)
-	t.Logf("kill -9 x %d at 0.3-1.5 s: bytes local after each kill %v", kills, present)
+	t.Logf("kill -9 x %d at 0.3-1.5 s: KiB local after each kill %v", kills, present)
 	t.Logf("allocated %d bytes; fetched %d bytes in all (%d by the killed runs, %d by the final run) = %.3f x allocated; limit %d (1.05 x allocated + %d x (batch %d + %d reads of %d in flight))",
 		alloc, total, before, total-before, float64(total)/float64(alloc), limit, kills, batch, jobs, chunk)
 	if total > limit {
@@ -361,4 +361,187 @@ func TestImportKill9(t *testing.T) {
 	if present[len(present)-1] == 0 {
 		t.Error("no progress survived the kills: the kills did not land mid-way")
 	}
+}
+
+// serveSetup makes a 32 MiB all-data image, uploads it and returns the
+// image and its raw reference bytes.
+func serveSetup(t *testing.T, m *harness.MinIO, name string, seed int64) (importImage, []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	images.Large(t, dir, name, 32<<20, seed)
+	m.Upload(t, "imp", name, filepath.Join(dir, name))
+	ref := rawRef(t, dir, name)
+	raw, err := os.ReadFile(ref.raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return importImage{url: "s3://imp/" + name, key: name, ref: ref}, raw
+}
+
+// waitComplete polls snapfs status until the volume is complete.
+func waitComplete(t *testing.T, target string, d time.Duration, stderr func() string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		st, code := volumeStatus(t, target)
+		if code == 0 && st["complete"] == true {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not complete after %v: %v\n%s", target, d, st, tail(stderr(), 3000))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestImportServe: the volume exported while it fills takes writes through
+// NBD (qemu-io, with FUA, flush, trim and write-zeroes) and FUSE that
+// survive hydration; once complete it is served with MinIO stopped; and
+// MinIO stopped during hydration makes demand reads fail with EIO while
+// hydration waits, then resumes when MinIO is back.
+func TestImportServe(t *testing.T) {
+	t.Parallel()
+	for _, tool := range []string{"qemu-io", "nbdinfo", "nbdcopy"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not in PATH", tool)
+		}
+	}
+	m := harness.StartMinIO(t)
+	m.MakeBucket(t, "imp")
+
+	t.Run("nbd-writes", func(t *testing.T) {
+		im, want := serveSetup(t, m, "nbdw.qcow2", 11)
+		target := filepath.Join(t.TempDir(), "nbdw.raw")
+		p := startServing(t, m.Env(), "import", "--serve", "nbd", "--listen", "127.0.0.1:0", "--bandwidth", "4MiB", "--chunk", "1MiB", im.url, target)
+		uri := p.uri("nbdw.qcow2")
+		var info []map[string]any
+		if err := json.Unmarshal(mustTool(t, time.Minute, "nbdinfo", "--json", uri), &struct {
+			Exports *[]map[string]any `json:"exports"`
+		}{&info}); err != nil || len(info) != 1 {
+			t.Fatalf("nbdinfo --json: %v %v", err, info)
+		}
+		for k, v := range map[string]bool{"is_read_only": false, "can_flush": true, "can_fua": true, "can_trim": true, "can_zero": true} {
+			if info[0][k] != v {
+				t.Errorf("nbdinfo: %s is %v, want %v", k, info[0][k], v)
+			}
+		}
+		res := runTool(t, time.Minute, "qemu-io", "-f", "raw",
+			"-c", "write -P 0xab 1000 5000", // inside a granule: copy-on-write
+			"-c", "write -f -P 0xcd 20M 100k", // FUA
+			"-c", "write -z 28M 64k", // WRITE_ZEROES
+			"-c", "discard 12M 1M", // TRIM
+			"-c", "write -P 0xee 33550000 4432", // up to the end
+			"-c", "flush", uri)
+		if res.code != 0 || strings.Contains(string(res.stdout), "failed") {
+			t.Fatalf("qemu-io writes: %s", res)
+		}
+		fill := func(off, n int, b byte) {
+			for i := off; i < off+n; i++ {
+				want[i] = b
+			}
+		}
+		fill(1000, 5000, 0xab)
+		fill(20<<20, 100<<10, 0xcd)
+		fill(28<<20, 64<<10, 0)
+		fill(12<<20, 1<<20, 0)
+		fill(33550000, 4432, 0xee)
+		waitComplete(t, target, 2*time.Minute, p.stderr.String)
+		check := func(what string) {
+			out := filepath.Join(t.TempDir(), "out.raw")
+			mustTool(t, time.Minute, "nbdcopy", uri, out)
+			got, _ := os.ReadFile(out)
+			if d := firstDiff(got, want); d != "" || len(got) != len(want) {
+				t.Fatalf("%s: NBD content differs from image + writes: %s", what, d)
+			}
+		}
+		check("after hydration")
+		if got, _ := os.ReadFile(target); !bytes.Equal(got, want) {
+			t.Fatalf("the target differs from image + writes: %s", firstDiff(got, want))
+		}
+		m.Stop()
+		defer m.Start(t)
+		check("complete, MinIO stopped")
+	})
+
+	t.Run("minio-stopped", func(t *testing.T) {
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, _ := serveSetup(t, m, "stop.qcow2", 12)
+		target := filepath.Join(t.TempDir(), "stop.raw")
+		p := startServing(t, m.Env(), "import", "--retries", "2", "--serve", "nbd", "--listen", "127.0.0.1:0", "--bandwidth", "4MiB", "--chunk", "1MiB", im.url, target)
+		time.Sleep(time.Second)
+		m.Stop()
+		// The image is copied in host (here guest) order: its end is not local yet.
+		got, res := qemuIOReads(t, p.uri("stop.qcow2"), []qemuIORead{{off: 32<<20 - 65536, n: 4096}})
+		if got[0] != nil || !strings.Contains(string(res.stdout)+res.stderr, "Input/output error") {
+			t.Fatalf("a demand read with MinIO stopped: %s", res)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(p.stderr.String(), "hydration: store unavailable, retrying") {
+			if time.Now().After(deadline) {
+				t.Fatalf("no retry logged:\n%s", p.stderr)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if _, code := volumeStatus(t, target); code != 3 {
+			t.Fatal("complete while MinIO was stopped?")
+		}
+		m.Start(t)
+		waitComplete(t, target, 2*time.Minute, p.stderr.String)
+		if got := sha256File(t, target); got != im.ref.sha256 {
+			t.Fatalf("volume sha256 %s, want %s", got, im.ref.sha256)
+		}
+	})
+
+	t.Run("fuse-writes", func(t *testing.T) {
+		fuseNeed(t)
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "fusew.qcow2", 13)
+		target := filepath.Join(t.TempDir(), "fusew.raw")
+		mnt := t.TempDir()
+		p := fuseMount(t, m.Env(), mnt, "import", "--serve", "fuse", "--mountpoint", mnt, "--bandwidth", "4MiB", "--chunk", "1MiB", im.url, target)
+		file := filepath.Join(mnt, "fusew.raw")
+		var f *os.File
+		fuseDeadline(t, 30*time.Second, "open of the mounted volume", func() {
+			var err error
+			if f, err = os.OpenFile(file, os.O_RDWR, 0); err != nil {
+				t.Fatal(err)
+			}
+		})
+		write := func(off int64, n int, b byte) {
+			if _, err := f.WriteAt(bytes.Repeat([]byte{b}, n), off); err != nil {
+				t.Fatal(err)
+			}
+			for i := off; i < off+int64(n); i++ {
+				want[i] = b
+			}
+		}
+		write(1000, 5000, 0xab)
+		write(17<<20+3, 200<<10, 0xcd)
+		write(31<<20, 64<<10, 0x11)
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 25<<20, 1<<20); err != nil {
+			t.Fatalf("fallocate punch hole: %v", err)
+		}
+		clear(want[25<<20 : 26<<20])
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		waitComplete(t, target, 2*time.Minute, p.stderr.String)
+		var got []byte
+		fuseDeadline(t, time.Minute, "read of the mounted volume", func() { got, _ = os.ReadFile(file) })
+		if d := firstDiff(got, want); d != "" || len(got) != len(want) {
+			t.Fatalf("FUSE content after hydration differs from image + writes: %s", d)
+		}
+		if got, _ := os.ReadFile(target); !bytes.Equal(got, want) {
+			t.Fatalf("the target differs from image + writes: %s", firstDiff(got, want))
+		}
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if code := p.wait(t, 20*time.Second); code != 0 {
+			t.Errorf("import --serve fuse exits %d on SIGTERM:\n%s", code, p.stderr)
+		}
+	})
 }
