@@ -271,3 +271,36 @@ func TestLocalDigestMismatch(t *testing.T) {
 		t.Fatal("recorded complete despite the mismatch")
 	}
 }
+
+// A fill fetched before a client wrote its granule (the race of a
+// hydration read or a demand fill with a write) does not overwrite the
+// write when it is installed, and a reader of the fill gets the write.
+func TestLocalFillNeverOverwritesWrite(t *testing.T) {
+	img := mixedImage(t, 65536)
+	target := filepath.Join(t.TempDir(), "vol.raw")
+	l, _ := openLocal(t, img.path, target, true, cache.VolumeOptions{})
+	ctx := context.Background()
+	buf, lo, err := l.fetch(ctx, 0, 16) // granules [0, 16), as hydration would
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := bytes.Repeat([]byte{0x99}, 100)
+	if _, err := l.WriteAt(ctx, w, 3*65536+10); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.install(0, 16, buf, lo, true); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Clone(img.raw[:16*65536])
+	copy(want[3*65536+10:], w)
+	if !bytes.Equal(buf, want) {
+		t.Fatal("the reader of the fill did not get the write")
+	}
+	got := make([]byte, 16*65536)
+	if _, err := l.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the fill overwrote the write")
+	}
+}
