@@ -239,8 +239,14 @@ func (u *Upload) Abort(err error) error {
 	return u.failure()
 }
 
+// abortPatience is how long abort keeps trying to discard the upload: an
+// upload left behind keeps its parts (and their cost) until a lifecycle
+// rule removes them, so a store that is briefly unreachable is waited for.
+const abortPatience = 60 * time.Second
+
 // abort waits for the running part uploads (cancelled) and aborts the
-// upload with a fresh context, since the upload's own may have ended.
+// upload with a fresh context, since the upload's own may have ended,
+// retrying for abortPatience at most.
 func (u *Upload) abort() {
 	if u.closed {
 		return
@@ -248,11 +254,23 @@ func (u *Upload) abort() {
 	u.closed = true
 	u.cancel()
 	u.wg.Wait()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), abortPatience)
 	defer cancel()
-	if err := u.st.AbortMultipart(ctx, u.key, u.id); err != nil {
+	delay := 250 * time.Millisecond
+	for {
+		err := u.st.AbortMultipart(ctx, u.key, u.id)
+		if err == nil || errors.Is(err, ErrNotFound) {
+			return
+		}
+		select {
+		case <-time.After(delay):
+			delay = min(2*delay, 5*time.Second)
+			continue
+		case <-ctx.Done():
+		}
 		u.mu.Lock()
 		u.err = fmt.Errorf("%w; and the upload could not be aborted, its parts may remain (upload ID %s): %v", u.err, u.id, err)
 		u.mu.Unlock()
+		return
 	}
 }

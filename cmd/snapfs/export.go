@@ -178,6 +178,7 @@ func runExport(c *cli.Context) error {
 		if errors.Is(err, c.Context.Err()) && c.Context.Err() != nil {
 			err = fmt.Errorf("interrupted: %w", err)
 		}
+		fmt.Fprintf(os.Stderr, "snapfs: export to %s failed: %v; aborting the upload\n", url, err)
 		err = up.Abort(err)
 		return fmt.Errorf("export of %s to %s failed, the upload was aborted and no object written: %w", src.name, url, err)
 	}
