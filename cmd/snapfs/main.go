@@ -57,6 +57,8 @@ func newApp() *cli.App {
 			demoCommand(),
 			mountCommand(),
 			umountCommand(),
+			importCommand(),
+			statusCommand(),
 			exportCommand(),
 			digestCommand(),
 		},
