@@ -233,14 +233,23 @@ func TestExport(t *testing.T) {
 		})
 	}
 
-	// A corrupted object fails digest's verification against its metadata.
-	t.Run("corrupt", func(t *testing.T) {
+	// An export read back through snapfs import verifies against its
+	// digest; a corrupted object fails that verification, and digest's.
+	t.Run("import-and-corrupt", func(t *testing.T) {
 		dir := t.TempDir()
-		s := exShape{name: "tocorrupt", size: 4 * M, ranges: [][2]int64{{0, 2 * M}}}
-		raw, _ := s.makeRaw(t, dir)
+		s := exShape{name: "tocorrupt", size: 4*M + 1000, ranges: [][2]int64{{0, 2 * M}, {4 * M, 4*M + 1000}}}
+		raw, rawSum := s.makeRaw(t, dir)
 		url := "s3://" + bucket + "/corrupt.qcow2"
-		if res := runCLI(t, cliRun{args: []string{"export", raw, url}, env: env}); res.code != 0 {
+		if res := runCLI(t, cliRun{args: []string{"export", raw, url, "--compress", "zlib"}, env: env}); res.code != 0 {
 			t.Fatalf("export: %s", res)
+		}
+		vol := filepath.Join(dir, "imported.raw")
+		res := runCLI(t, cliRun{args: []string{"--log-level", "info", "import", url, vol}, env: env})
+		if res.code != 0 || !strings.Contains(res.stderr, "verified") {
+			t.Fatalf("import of the export: %s", res)
+		}
+		if got := sha256File(t, vol); got != rawSum {
+			t.Errorf("imported volume sha256 %s, want %s", got, rawSum)
 		}
 		ctx := context.Background()
 		info, err := client.StatObject(ctx, bucket, "corrupt.qcow2", minio.StatObjectOptions{})
@@ -263,9 +272,13 @@ func TestExport(t *testing.T) {
 		if _, err := client.FPutObject(ctx, bucket, "corrupt.qcow2", img, minio.PutObjectOptions{UserMetadata: info.UserMetadata}); err != nil {
 			t.Fatal(err)
 		}
-		res := runCLI(t, cliRun{args: []string{"digest", url}, env: env})
+		res = runCLI(t, cliRun{args: []string{"digest", url}, env: env})
 		if res.code != 1 || !strings.Contains(res.stderr, "does not match its snapfs-raw-sha256") || !strings.Contains(res.stderr, "corrupt.qcow2") {
 			t.Errorf("digest of a corrupted object: want exit 1 naming the object and the mismatch:\n%s", res)
+		}
+		res = runCLI(t, cliRun{args: []string{"import", url, filepath.Join(dir, "bad.raw")}, env: env})
+		if res.code == 0 || !strings.Contains(res.stderr, "does not match the image's raw sha256") {
+			t.Errorf("import of a corrupted object: want a digest mismatch:\n%s", res)
 		}
 	})
 
