@@ -360,19 +360,20 @@ func multipartLeft(t *testing.T, c *minio.Client, bucket string) []string {
 }
 
 // childPid returns the pid of the only child of pid (the CLI under the
-// runner).
-func childPid(t *testing.T, pid int) int {
-	t.Helper()
+// runner), or 0 after 10 s. Children are listed per thread of pid.
+func childPid(pid int) int {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-		if f := strings.Fields(string(b)); len(f) == 1 {
-			n, _ := strconv.Atoi(f[0])
-			return n
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+		for _, task := range tasks {
+			b, _ := os.ReadFile(task)
+			if f := strings.Fields(string(b)); len(f) == 1 {
+				n, _ := strconv.Atoi(f[0])
+				return n
+			}
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("no child of runner %d", pid)
 	return 0
 }
 
@@ -440,7 +441,11 @@ func TestExportAborts(t *testing.T) {
 
 	t.Run("sigint", func(t *testing.T) {
 		res := run(t, "interrupted.qcow2", func(runner int, _ *result) {
-			syscall.Kill(childPid(t, runner), syscall.SIGINT)
+			if pid := childPid(runner); pid > 0 {
+				syscall.Kill(pid, syscall.SIGINT)
+			} else {
+				t.Errorf("no snapfs process under the runner %d", runner)
+			}
 		})
 		if res.code != 1 || !strings.Contains(res.stderr, "interrupted") || !strings.Contains(res.stderr, "upload was aborted") {
 			t.Errorf("want exit 1, interrupted, upload aborted:\n%s", res)
