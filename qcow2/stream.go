@@ -683,6 +683,14 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			work <- b
 		}
 	}
+	if hs == nil {
+		// A stream must end where its size says: more bytes mean the size
+		// given is wrong, and the image would silently miss them.
+		var one [1]byte
+		if n, _ := io.ReadFull(src, one[:]); n > 0 {
+			return fmt.Errorf("qcow2: the source has more than its size of %d bytes", size)
+		}
+	}
 	hashZeros(h, vsize-size)
 	return nil
 }

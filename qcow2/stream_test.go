@@ -257,6 +257,8 @@ func TestWriteStreamQemu(t *testing.T) {
 		{"both-ends", stSource{size: 20 * M, ranges: [][2]int64{{0, 1000}, {20*M - 70000, 20 * M}}}, StreamOptions{}, 3},
 		{"unaligned", stSource{size: 5*M + 777, ranges: [][2]int64{{M, M + 10}, {5 * M, 5*M + 777}}}, StreamOptions{HeadSize: 64 << 10}, 2},
 		{"c512", stSource{size: 2*M + 100, ranges: [][2]int64{{1000, 300000}, {2 * M, 2*M + 100}}}, StreamOptions{WriteOptions: WriteOptions{ClusterSize: 512}}, -1},
+		// 20480 data clusters, 320 L2 tables, 5 L1 clusters, ~82 refcount blocks in two refcount table clusters.
+		{"c512-many", stSource{size: 10 * M, ranges: [][2]int64{{0, 10 * M}}}, StreamOptions{WriteOptions: WriteOptions{ClusterSize: 512}}, 20480},
 		{"c2m", stSource{size: 9 * M, ranges: [][2]int64{{0, 10}, {5 * M, 5*M + 1}}}, StreamOptions{WriteOptions: WriteOptions{ClusterSize: 2 << 20}}, 2},
 		{"v2", stSource{size: 4 * M, ranges: [][2]int64{{M, 2 * M}}}, StreamOptions{WriteOptions: WriteOptions{Compat: "0.10"}}, 16},
 		{"holes-skipped", stSource{size: 6 * M, ranges: [][2]int64{{5000, 9000}, {3 * M, 3*M + 200000}}, holeJunk: true}, StreamOptions{}, -1},
@@ -367,6 +369,13 @@ func TestWriteStreamErrors(t *testing.T) {
 	_, err := WriteStream(ctx, sink, bytes.NewReader(make([]byte, 100)), 1<<20, StreamOptions{})
 	if err == nil || !errors.Is(err, io.ErrUnexpectedEOF) || sink.headCalls != 0 {
 		t.Errorf("short source: %v (head calls %d)", err, sink.headCalls)
+	}
+
+	// A stream longer than its size.
+	sink = &memSink{t: t}
+	_, err = WriteStream(ctx, sink, bytes.NewReader(make([]byte, 1<<20+1)), 1<<20, StreamOptions{})
+	if err == nil || !strings.Contains(err.Error(), "more than its size") || sink.headCalls != 0 {
+		t.Errorf("long source: %v (head calls %d)", err, sink.headCalls)
 	}
 
 	// A failing source.
