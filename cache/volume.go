@@ -177,6 +177,7 @@ func OpenVolume(target string, src VolumeSource, opts VolumeOptions) (*Volume, e
 	if v.interval <= 0 {
 		v.interval = DefaultFlushInterval
 	}
+	reset := false // an existing file without state: emptied once locked
 	fi, err := os.Stat(target)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -217,14 +218,28 @@ func OpenVolume(target string, src VolumeSource, opts VolumeOptions) (*Volume, e
 				v.f.Close()
 				return nil, fmt.Errorf("volume %s: the file holds %d bytes, smaller than the %d its state file %s says", target, fi.Size(), size, statePath)
 			}
-		} else if err := errors.Join(v.f.Truncate(0), v.f.Truncate(size)); err != nil {
-			v.f.Close()
-			return nil, fmt.Errorf("volume %s: size %d: %w", target, size, err)
+		} else {
+			reset = true
 		}
 	default:
 		return nil, fmt.Errorf("volume %s: not a regular file or a block device", target)
 	}
 
+	// One process at a time: two fillers would each trust bits the other
+	// flushed for data it may not have synced.
+	if err := unix.Flock(int(v.f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		v.f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("volume %s: in use by another process (import, serve or mount --volume)", target)
+		}
+		return nil, fmt.Errorf("volume %s: lock: %w", target, err)
+	}
+	if reset {
+		if err := errors.Join(v.f.Truncate(0), v.f.Truncate(size)); err != nil {
+			v.f.Close()
+			return nil, fmt.Errorf("volume %s: size %d: %w", target, size, err)
+		}
+	}
 	v.present = make([]uint64, (v.nbits+63)/64)
 	if haveState {
 		if int64(len(st.bitmap)) != (v.nbits+7)/8 {

@@ -61,6 +61,9 @@ func TestVolumeCreateSparseAndReopen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v.Close()
+	if _, err := OpenVolume(target, testSource(), VolumeOptions{}); err == nil || !strings.Contains(err.Error(), "in use by another process") {
+		t.Fatalf("a second open of a volume in use: %v", err)
+	}
 	if !v.Present(3) || !v.Present(160) || v.Present(0) || v.Present(4) {
 		t.Fatal("bits not restored")
 	}

@@ -26,7 +26,7 @@ import (
 // Defaults of HydrateOptions.
 const (
 	DefaultHydrateChunk   = 8 << 20
-	DefaultHydrateWorkers = 4
+	DefaultHydrateWorkers = 8
 	// maxHydrateBackoff caps the wait between attempts while the store fails.
 	maxHydrateBackoff = 15 * time.Second
 )
@@ -123,7 +123,7 @@ func (l *Local) Hydrate(ctx context.Context, opts HydrateOptions) error {
 		go func() {
 			defer wg.Done()
 			for jb := range work {
-				n, err := l.hydrateJob(wctx, log, jb, lim)
+				n, err := l.hydrateJob(wctx, log, opts.Image, jb, lim)
 				if err != nil {
 					errc <- err
 					cancel()
@@ -299,7 +299,7 @@ func (l *Local) installHoles(i, j int64) error {
 
 // hydrateJob copies one read's granules that are still missing and
 // returns the bytes the job covers.
-func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, jb hydrateJob, lim *limiter) (int64, error) {
+func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, im Image, jb hydrateJob, lim *limiter) (int64, error) {
 	n := min(jb.j*l.g, l.vol.Size()) - jb.i*l.g
 	// Skip what demand reads or writes brought meanwhile.
 	i := l.vol.NextMissing(jb.i)
@@ -310,8 +310,6 @@ func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, jb hydrateJob,
 	for j > i && l.vol.Present(j-1) {
 		j--
 	}
-	var buf []byte
-	var lo int64
 	err := l.retry(ctx, log, "hydrate", func() error {
 		for l.demand.Load() > 0 {
 			select {
@@ -325,14 +323,21 @@ func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, jb hydrateJob,
 				return err
 			}
 		}
-		var err error
-		buf, lo, err = l.fetch(ctx, i, j)
-		return err
+		bp := l.bufs.Get().(*[]byte)
+		defer l.bufs.Put(bp)
+		lo := i * l.g
+		need := int(min(j*l.g, l.vol.Size()) - lo)
+		if cap(*bp) < need {
+			*bp = make([]byte, need)
+		}
+		// The image straight into the buffer: no copy through the Disk.
+		buf, lo, err := l.fetchInto(ctx, im.ReadAtContext, (*bp)[:need], lo)
+		if err != nil {
+			return err
+		}
+		return l.install(i, j, buf, lo, false)
 	})
 	if err != nil {
-		return 0, err
-	}
-	if err := l.install(i, j, buf, lo, false); err != nil {
 		return 0, err
 	}
 	return n, nil

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -34,6 +35,7 @@ type Local struct {
 	writable bool
 
 	locks  [lockStripes]sync.Mutex
+	bufs   sync.Pool // of *[]byte: hydration's read buffers
 	demand atomic.Int32 // demand fills under way; hydration yields to them
 	local  atomic.Bool  // complete: no store access any more
 	closed atomic.Bool
@@ -48,6 +50,7 @@ func NewLocal(d *Disk, vol *cache.Volume, writable bool) (*Local, error) {
 		return nil, fmt.Errorf("disk: volume %s of %d bytes for a %d-byte image", vol.Target(), vol.Size(), d.Size())
 	}
 	l := &Local{d: d, vol: vol, vsize: d.Size(), g: vol.Granularity(), writable: writable}
+	l.bufs.New = func() any { return new([]byte) }
 	l.local.Store(vol.Complete())
 	return l, nil
 }
@@ -141,9 +144,20 @@ func (l *Local) demandFill(ctx context.Context, i, j int64, p []byte, off int64)
 // fetch reads granules [i, j) from the image (zeros past its end).
 func (l *Local) fetch(ctx context.Context, i, j int64) ([]byte, int64, error) {
 	lo, hi := i*l.g, min(j*l.g, l.vol.Size())
-	buf := make([]byte, hi-lo)
+	return l.fetchInto(ctx, l.d.ReadAt, make([]byte, hi-lo), lo)
+}
+
+// fetchInto reads the granules of buf (at guest offset lo, granule-aligned)
+// with read (the Disk's or the image's ReadAt); zeros past the image's end.
+func (l *Local) fetchInto(ctx context.Context, read func(context.Context, []byte, int64) (int, error), buf []byte, lo int64) ([]byte, int64, error) {
+	hi := lo + int64(len(buf))
+	clear(buf[max(0, min(l.vsize-lo, int64(len(buf)))):])
 	if vhi := min(hi, l.vsize); lo < vhi {
-		if _, err := l.d.ReadAt(ctx, buf[:vhi-lo], lo); err != nil {
+		n, err := read(ctx, buf[:vhi-lo], lo)
+		if err == io.EOF && int64(n) == vhi-lo {
+			err = nil
+		}
+		if err != nil {
 			return nil, 0, err
 		}
 	}

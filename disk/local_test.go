@@ -208,7 +208,7 @@ func TestLocalResumeAndStoreOutage(t *testing.T) {
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("interrupted hydration: %v", err)
 	}
-	first := td.Stats().BytesFetched
+	first := td.Stats().StoreBytes
 	present := l.Volume().PresentBytes()
 	l.Close()
 
@@ -250,7 +250,7 @@ func TestLocalResumeAndStoreOutage(t *testing.T) {
 			alloc += e.Length
 		}
 	}
-	second := td2.Stats().BytesFetched
+	second := td2.Stats().StoreBytes
 	t.Logf("allocated %d, fetched %d + %d", alloc, first, second)
 	if first+second > alloc+alloc/20+2<<20 {
 		t.Fatalf("fetched %d + %d bytes for %d allocated", first, second, alloc)
