@@ -223,7 +223,6 @@ func (d *Disk) fetchDense(ctx context.Context, b int64) {
 	if !d.dense.miss(r) {
 		return
 	}
-
 	_ = d.fill(ctx, r*rb, min((r+1)*rb, d.nblocks), rb, true)
 }
 
@@ -262,9 +261,8 @@ const (
 // data) into fetches under way, which the caller joins unless forAhead;
 // blocks cached since the caller looked (a fetch ended meanwhile), which
 // forRead are copied into p (guest offset off) and counted in late, and
-// otherwise skipped; and runs of free
-// blocks, for which it creates and registers flights of at most
-// pieceBlocks blocks. The first run is widened down to extLo and the last
+// otherwise skipped; and runs of free blocks, for which it creates and
+// registers flights of at most pieceBlocks blocks. The first run is widened down to extLo and the last
 // up to extHi over blocks that have data (alloc, indexed from extLo) and
 // are neither cached nor being fetched. The caller must launch own and,
 // unless forAhead, wait for own and joined.
@@ -378,7 +376,6 @@ func (d *Disk) wait(ctx context.Context, p []byte, off int64, lists ...[]*flight
 // readers and the memory tier, and unregisters it.
 func (d *Disk) run(f *flight) {
 	defer d.wg.Done()
-
 	if err := d.fetch(f); err != nil {
 		d.stats.FetchErrors.Add(1)
 		f.err = err
@@ -396,7 +393,7 @@ func (d *Disk) run(f *flight) {
 			s := i << d.shift
 			d.cache.Put(d.keyBase|uint64(b), d.id, buf[s:s+d.blockLen(b)])
 		}
-		// Make the blocks visible to Get before the flight disappears, so
+		// Make the blocks visible to Read before the flight disappears, so
 		// that a reader arriving now finds them (unless refused).
 		d.cache.Wait()
 	}
