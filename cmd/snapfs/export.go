@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -168,6 +169,12 @@ func runExport(c *cli.Context) error {
 		}
 	}
 
+	// The part buffers are reused, but the HTTP client's garbage would let
+	// the heap double them at the default GOGC: 121 MiB peak RSS against
+	// 96 MiB at 25 for 512 MiB of random data into MinIO, same time.
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(gcPercent)
+	}
 	start := time.Now()
 	up, err := objstore.NewUpload(c.Context, st, key, objstore.UploadOptions{PartSize: partSize, Parallel: exportUploads, Meta: meta})
 	if err != nil {
