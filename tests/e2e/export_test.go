@@ -532,3 +532,43 @@ func TestExportFromFUSE(t *testing.T) {
 	}
 	judgeExport(t, img, raw, s.size, 3, "zlib")
 }
+
+// TestExportBlockDevice exports a loop device (a block device: its size
+// from SEEK_END) and compares the object with the file behind it. It is
+// skipped where loop devices cannot be set up.
+func TestExportBlockDevice(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("no losetup")
+	}
+	const M = 1 << 20
+	dir := t.TempDir()
+	s := exShape{name: "blockdev", size: 24 * M, ranges: [][2]int64{{M, 3 * M}, {20 * M, 24 * M}}}
+	raw, rawSum := s.makeRaw(t, dir)
+	out, err := exec.Command("losetup", "--find", "--show", "--read-only", raw).CombinedOutput()
+	if err != nil {
+		t.Skipf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	if fi, err := os.Stat(dev); err != nil || fi.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("%s is not a device: %v", dev, err)
+	}
+	bucket := filepath.Join(dir, "bucket")
+	if err := os.Mkdir(bucket, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(bucket, "dev.qcow2")
+	res := runCLI(t, cliRun{args: []string{"export", dev, fileURL(target), "--cluster-size", "4k"}})
+	if res.code != 0 {
+		t.Fatalf("export of %s: %s", dev, res)
+	}
+	if sum := exportSummary(t, res.stdout); sum["raw sha256"] != rawSum {
+		t.Errorf("raw sha256 %q, want %q", sum["raw sha256"], rawSum)
+	}
+	judgeExport(t, target, raw, s.size, 3, "zlib")
+	d := runCLI(t, cliRun{args: []string{"digest", dev}})
+	if d.code != 0 || !strings.HasPrefix(string(d.stdout), rawSum+" ") {
+		t.Errorf("digest of the device: %s", d)
+	}
+}
