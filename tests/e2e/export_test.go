@@ -282,6 +282,30 @@ func TestExport(t *testing.T) {
 		}
 	})
 
+	// Bad options are refused before an upload starts.
+	t.Run("bad-options", func(t *testing.T) {
+		dir := t.TempDir()
+		raw := filepath.Join(dir, "r.raw")
+		if err := os.WriteFile(raw, make([]byte, 4096), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range [][]string{
+			{"--compress", "lz4", "compression"},
+			{"--cluster-size", "3k", "cluster size"},
+			{"--compress", "zstd", "--compat", "0.10", "zstd"},
+			{"--meta", "no equals", "KEY=VALUE"},
+		} {
+			args := append([]string{"export", raw, "s3://" + bucket + "/bad.qcow2"}, c[:len(c)-1]...)
+			res := runCLI(t, cliRun{args: args, env: env})
+			if res.code != 2 || !strings.Contains(res.stderr, c[len(c)-1]) {
+				t.Errorf("%v: want exit 2 about %q:\n%s", c, c[len(c)-1], res)
+			}
+		}
+		if left := multipartLeft(t, client, bucket); len(left) != 0 {
+			t.Errorf("uploads started: %v", left)
+		}
+	})
+
 	// stdin needs --size; a file:// target is written whole.
 	t.Run("stdin-file-target", func(t *testing.T) {
 		dir := t.TempDir()
