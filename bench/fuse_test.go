@@ -262,17 +262,40 @@ func waitMounted(p *proc, mnt, file string, timeout time.Duration) error {
 
 // abortFUSE aborts the FUSE connection of the mount at mnt (its pending
 // and future requests fail with ENOTCONN), through the fusectl file
-// system, mounting that first if needed.
+// system, mounting that first if needed. The connection is named by the
+// mount's device, taken from /proc/self/mountinfo: a stat of a stalled
+// mount would wait for the server too.
 func abortFUSE(mnt string) {
-	var st unix.Stat_t
-	if err := unix.Stat(mnt, &st); err != nil {
+	minor, ok := mountMinor(mnt)
+	if !ok {
 		return
 	}
 	ctl := "/sys/fs/fuse/connections"
 	if _, ok, _ := fs.MountType(ctl); !ok {
 		_ = unix.Mount("fusectl", ctl, "fusectl", 0, "")
 	}
-	_ = os.WriteFile(filepath.Join(ctl, strconv.FormatUint(uint64(unix.Minor(st.Dev)), 10), "abort"), []byte("1"), 0)
+	if err := os.WriteFile(filepath.Join(ctl, minor, "abort"), []byte("1"), 0); err != nil {
+		fmt.Printf("  ! abort the FUSE connection of %s: %v\n", mnt, err)
+	}
+}
+
+// mountMinor returns the minor device number of the topmost mount at mnt
+// (a clean absolute path without characters that mountinfo escapes).
+func mountMinor(mnt string) (string, bool) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", false
+	}
+	minor, ok := "", false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[4] == mnt {
+			if _, m, found := strings.Cut(f[2], ":"); found {
+				minor, ok = m, true
+			}
+		}
+	}
+	return minor, ok
 }
 
 // lazyUnmount detaches whatever is still mounted on mnt.
