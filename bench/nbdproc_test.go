@@ -239,6 +239,11 @@ const (
 // nbdRead4K connects to an NBD server, negotiates export (fixed newstyle,
 // NBD_OPT_GO, simple replies), reads 4 KiB at offset 0 and disconnects.
 func nbdRead4K(ctx context.Context, addr, export string) error {
+	return nbdRead4KAt(ctx, addr, export, 0)
+}
+
+// nbdRead4KAt is nbdRead4K reading at offset off.
+func nbdRead4KAt(ctx context.Context, addr, export string, off uint64) error {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -316,7 +321,7 @@ func nbdRead4K(ctx context.Context, addr, export string) error {
 	req = be.AppendUint16(req, 0)
 	req = be.AppendUint16(req, nbdCmdRead)
 	req = be.AppendUint64(req, 1)
-	req = be.AppendUint64(req, 0)
+	req = be.AppendUint64(req, off)
 	req = be.AppendUint32(req, 4096)
 	if _, err := conn.Write(req); err != nil {
 		return err

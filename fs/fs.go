@@ -63,7 +63,9 @@ var xattrNames = []string{XattrSource, XattrETag, XattrFormat, XattrVirtualSize,
 // Modes of files and directories.
 const (
 	FileMode = 0o444
-	DirMode  = 0o555
+	// WritableFileMode is the mode of files with Options.Writable.
+	WritableFileMode = 0o644
+	DirMode          = 0o555
 )
 
 // Options configure New. The zero value is usable (root owns the files).
@@ -93,6 +95,10 @@ type Options struct {
 	IdleClose time.Duration
 	// Debug logs every FUSE request (go-fuse's debug output).
 	Debug bool
+	// Writable mounts read-write: the files of writable devices
+	// (Device.ReadOnly false) take writes, fsync and fallocate (mode
+	// WritableFileMode); the others still refuse writes with EROFS.
+	Writable bool
 }
 
 // FS is the file system tree of one mount: a store and a prefix (or one

@@ -85,6 +85,10 @@ func (f *FS) Mount(dir, fsName string) (*Mount, error) {
 		GID:             f.opts.GID,
 		RootStableAttr:  &gofs.StableAttr{Ino: rootIno},
 	}
+	if f.opts.Writable {
+		opts.MountOptions.Options[0] = "rw"
+		opts.MountOptions.DirectMountFlags &^= syscall.MS_RDONLY
+	}
 	srv, err := gofs.Mount(abs, f.root, opts)
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", abs, err)

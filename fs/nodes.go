@@ -122,6 +122,9 @@ func (f *FS) dirAttr(d *dirEnt, a *fuse.Attr) {
 
 func (f *FS) fileAttr(o *object, a *fuse.Attr) {
 	a.Mode = syscall.S_IFREG | FileMode
+	if f.opts.Writable {
+		a.Mode = syscall.S_IFREG | WritableFileMode
+	}
 	a.Ino = o.ino
 	a.Nlink = 1
 	a.Size = uint64(o.size)
@@ -144,6 +147,9 @@ var (
 	_ gofs.NodeOpener      = (*fileNode)(nil)
 	_ gofs.NodeReader      = (*fileNode)(nil)
 	_ gofs.NodeReleaser    = (*fileNode)(nil)
+	_ gofs.NodeWriter      = (*fileNode)(nil)
+	_ gofs.NodeFsyncer     = (*fileNode)(nil)
+	_ gofs.NodeAllocater   = (*fileNode)(nil)
 	_ gofs.NodeLseeker     = (*fileNode)(nil)
 	_ gofs.NodeGetxattrer  = (*fileNode)(nil)
 	_ gofs.NodeListxattrer = (*fileNode)(nil)
@@ -163,13 +169,22 @@ func (n *fileNode) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.At
 // Open opens the version's device (once per version) and keeps the page
 // cache: the content of an ETag never changes.
 func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
-	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
+	if write && !n.f.opts.Writable {
 		return nil, 0, syscall.EROFS
 	}
 	dev, err := n.obj.acquire(uninterrupted(ctx))
 	if err != nil {
 		n.f.log.Error("cannot open image", "object", n.obj.url, "etag", n.obj.etag, "err", err)
 		return nil, 0, errnoOf(err)
+	}
+	if !dev.ReadOnly() {
+		// Others (NBD clients) may write the device too: no kept cache.
+		return &handle{obj: n.obj, dev: dev}, 0, 0
+	}
+	if write {
+		n.obj.release()
+		return nil, 0, syscall.EROFS
 	}
 	return &handle{obj: n.obj, dev: dev}, fuse.FOPEN_KEEP_CACHE, 0
 }
@@ -193,6 +208,68 @@ func (n *fileNode) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 		return nil, errno
 	}
 	return fuse.ReadResultData(buf), 0
+}
+
+// Write writes the device (writable devices only); a failure is EIO, with
+// a log line, or ENOSPC past the end.
+func (n *fileNode) Write(ctx context.Context, fh gofs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
+	h, ok := fh.(*handle)
+	if !ok {
+		return 0, syscall.EBADF
+	}
+	if off < 0 || off+int64(len(data)) > h.dev.Size() {
+		return 0, syscall.ENOSPC
+	}
+	if _, err := h.dev.WriteAt(uninterrupted(ctx), data, off); err != nil {
+		n.f.log.Error("write failed", "object", n.obj.url, "offset", off, "length", len(data), "err", err)
+		return 0, errnoOf(err)
+	}
+	return uint32(len(data)), 0
+}
+
+// Fsync makes the device's writes durable.
+func (n *fileNode) Fsync(ctx context.Context, fh gofs.FileHandle, flags uint32) syscall.Errno {
+	h, ok := fh.(*handle)
+	if !ok {
+		return 0 // fsync of a read-only file
+	}
+	if err := h.dev.Flush(uninterrupted(ctx)); err != nil {
+		n.f.log.Error("fsync failed", "object", n.obj.url, "err", err)
+		return errnoOf(err)
+	}
+	return 0
+}
+
+// Allocate handles fallocate's punch-hole and zero-range modes (with
+// keep-size) as Trim and WriteZeroes; plain allocation is a no-op since
+// the file already has its size.
+func (n *fileNode) Allocate(ctx context.Context, fh gofs.FileHandle, off uint64, size uint64, mode uint32) syscall.Errno {
+	const punch, zero, keep = 0x02, 0x10, 0x01 // FALLOC_FL_PUNCH_HOLE, _ZERO_RANGE, _KEEP_SIZE
+	h, ok := fh.(*handle)
+	if !ok {
+		return syscall.EBADF
+	}
+	if h.dev.ReadOnly() {
+		return syscall.EROFS
+	}
+	if int64(off) < 0 || int64(off+size) > h.dev.Size() || off+size < off {
+		return syscall.EINVAL
+	}
+	var err error
+	switch {
+	case mode == 0:
+	case mode == punch|keep:
+		err = h.dev.Trim(uninterrupted(ctx), int64(off), int64(size))
+	case mode&^keep == zero:
+		err = h.dev.WriteZeroes(uninterrupted(ctx), int64(off), int64(size))
+	default:
+		return syscall.EOPNOTSUPP
+	}
+	if err != nil {
+		n.f.log.Error("fallocate failed", "object", n.obj.url, "offset", off, "length", size, "err", err)
+		return errnoOf(err)
+	}
+	return 0
 }
 
 func (n *fileNode) Release(ctx context.Context, fh gofs.FileHandle) syscall.Errno {
@@ -320,8 +397,13 @@ func uninterrupted(ctx context.Context) context.Context { return context.Without
 // errnoOf maps a device error to an errno: EINTR for an interrupted
 // request, EIO otherwise.
 func errnoOf(err error) syscall.Errno {
-	if errors.Is(err, context.Canceled) {
+	switch {
+	case errors.Is(err, context.Canceled):
 		return syscall.EINTR
+	case errors.Is(err, syscall.ENOSPC):
+		return syscall.ENOSPC
+	case errors.Is(err, disk.ErrReadOnly):
+		return syscall.EROFS
 	}
 	return syscall.EIO
 }

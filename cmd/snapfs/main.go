@@ -57,6 +57,10 @@ func newApp() *cli.App {
 			demoCommand(),
 			mountCommand(),
 			umountCommand(),
+			importCommand(),
+			statusCommand(),
+			exportCommand(),
+			digestCommand(),
 		},
 	}
 }

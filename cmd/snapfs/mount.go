@@ -42,7 +42,7 @@ func mountCommand() *cli.Command {
 			"reason in .snapfs-errors. The listing is refreshed every --list-ttl; an open file keeps the " +
 			"version it opened. Runs in the foreground until unmounted, SIGINT or SIGTERM (which " +
 			"unmount), unless --daemon.",
-		Flags: withGlobal(append(deviceFlags(),
+		Flags: withGlobal(append(append(deviceFlags(), volumeFlags()...),
 			&cli.DurationFlag{Name: "list-ttl", Value: fs.DefaultListTTL, Usage: "refresh the listing after `DURATION` (0: never)"},
 			&cli.IntFlag{Name: "uid", Value: -1, DefaultText: "the mounting user", Usage: "owner of the files"},
 			&cli.IntFlag{Name: "gid", Value: -1, DefaultText: "the mounting user's group", Usage: "group of the files"},
@@ -51,6 +51,8 @@ func mountCommand() *cli.Command {
 			&cli.BoolFlag{Name: "raw-objects", Usage: "show objects that are not QCOW2 as they are"},
 			&cli.StringFlag{Name: "log-file", Usage: "append the log to `FILE` instead of stderr (with --daemon the log is dropped otherwise)"},
 			&cli.BoolFlag{Name: "debug-fuse", Hidden: true, Usage: "log every FUSE request"},
+			&cli.StringFlag{Name: "volume", Usage: "mount the one image through the local volume `TARGET` (copy-on-read, no background copy; see snapfs import)"},
+			&cli.BoolFlag{Name: "writable", Usage: "with --volume: mount read-write and let writes reach the volume"},
 		)...),
 		Action: runMount,
 	}
@@ -129,20 +131,36 @@ func runMount(c *cli.Context) error {
 	defer devs.close()
 	opts.OpenDevice = fs.DiskDevice(devs.opts)
 
-	st, key, err := openMountStore(c, u, devs.metrics)
-	if err != nil {
-		return err
+	var m *fs.Mount
+	if target := c.String("volume"); target != "" {
+		st, key, err := openStoreWith(c, u, devs.metrics)
+		if err != nil {
+			return err
+		}
+		v, err := openVolume(c, st, key, target, c.Bool("writable"), devs.metrics)
+		if err != nil {
+			return err
+		}
+		defer v.Close()
+		if m, err = mountVolume(c, st, key, v, dir); err != nil {
+			return err
+		}
+	} else {
+		st, key, err := openMountStore(c, u, devs.metrics)
+		if err != nil {
+			return err
+		}
+		fsys, err := fs.New(c.Context, st, key, opts)
+		if err != nil {
+			return err
+		}
+		m, err = fsys.Mount(dir, st.URL(key))
+		if err != nil {
+			fsys.Close()
+			return err
+		}
+		slog.Info("mounted", "source", st.URL(key), "mountpoint", m.Dir())
 	}
-	fsys, err := fs.New(c.Context, st, key, opts)
-	if err != nil {
-		return err
-	}
-	m, err := fsys.Mount(dir, st.URL(key))
-	if err != nil {
-		fsys.Close()
-		return err
-	}
-	slog.Info("mounted", "source", st.URL(key), "mountpoint", m.Dir())
 	if readyFD >= 0 {
 		ready := os.NewFile(uintptr(readyFD), "ready")
 		fmt.Fprintln(ready, "ready")

@@ -25,7 +25,7 @@ func serveCommand() *cli.Command {
 		Description: "Each URL is an image (export name: the key's base name, or NAME) or a prefix " +
 			"ending in / (every image under it, named by its path below the prefix). With a " +
 			"single image the empty export name selects it, as with qemu-nbd.",
-		Flags: withGlobal(append(deviceFlags(),
+		Flags: withGlobal(append(append(deviceFlags(), volumeFlags()...),
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:10809", Usage: "TCP `ADDR` to listen on"},
 			&cli.StringFlag{Name: "socket", Usage: "unix socket `PATH` to listen on (instead of TCP unless --listen is given)"},
 			&cli.StringFlag{Name: "tls-cert", Usage: "TLS certificate `FILE` (PEM) for STARTTLS"},
@@ -33,6 +33,8 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls", Usage: "off, allow or require (default: allow with a certificate, else off)"},
 			&cli.StringFlag{Name: "description", Usage: "export description shown to clients"},
 			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics at http://`ADDR`/metrics"},
+			&cli.StringFlag{Name: "volume", Usage: "serve the one image through the local volume `TARGET` (copy-on-read, no background copy; see snapfs import)"},
+			&cli.BoolFlag{Name: "writable", Usage: "with --volume: let clients write the volume"},
 		)...),
 		Action: runServe,
 	}
@@ -103,11 +105,25 @@ func runServe(c *cli.Context) error {
 			}
 			continue
 		}
-		dev, err := devs.open(c.Context, st, key)
-		if err != nil {
-			return err
+		var dev disk.Device
+		if target := c.String("volume"); target != "" {
+			if c.NArg() != 1 {
+				return cli.Exit("--volume serves exactly one image URL", 2)
+			}
+			v, err := openVolume(c, st, key, target, c.Bool("writable"), devs.metrics)
+			if err != nil {
+				return err
+			}
+			dev = v.dev
+			closers = append(closers, func() { v.Close() })
+		} else {
+			d, err := devs.open(c.Context, st, key)
+			if err != nil {
+				return err
+			}
+			dev = d
+			closers = append(closers, func() { d.Close() })
 		}
-		closers = append(closers, func() { dev.Close() })
 		if name == "" {
 			name = exportName("", key)
 		}
@@ -124,6 +140,13 @@ func runServe(c *cli.Context) error {
 			return err
 		}
 	}
+	return serveNBD(c, exports, nil)
+}
+
+// serveNBD serves exports on --socket and/or --listen until the context
+// ends (then it shuts the server down) or, when done is not nil, until
+// done yields an error, which it returns.
+func serveNBD(c *cli.Context, exports []nbd.Export, done <-chan error) error {
 	srv := &nbd.Server{Exports: nbd.ExportList(exports...), Logger: slog.Default()}
 	if err := configureTLS(c, srv); err != nil {
 		return err
@@ -155,6 +178,11 @@ func runServe(c *cli.Context) error {
 	}
 	select {
 	case err := <-errc:
+		return err
+	case err := <-done:
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
 		return err
 	case <-c.Context.Done():
 	}

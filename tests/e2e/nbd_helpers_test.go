@@ -127,8 +127,15 @@ var servingLine = regexp.MustCompile(`(?m)^snapfs: serving (.*) on nbd://(\S+) \
 // exit 0 within 15 s (it is killed otherwise).
 func startServe(t *testing.T, env []string, args ...string) *serveProc {
 	t.Helper()
+	return startServing(t, env, "serve", args...)
+}
+
+// startServing is startServe for any command that serves NBD (serve,
+// import --serve nbd).
+func startServing(t *testing.T, env []string, command string, args ...string) *serveProc {
+	t.Helper()
 	p := &serveProc{args: args, stderr: &lockedBuffer{}, done: make(chan struct{})}
-	cmd := exec.Command(snapfsBin, append([]string{"serve"}, args...)...)
+	cmd := exec.Command(snapfsBin, append([]string{command}, args...)...)
 	cmd.Env = append(cleanEnv(), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Stderr = p.stderr

@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/disk"
+	"github.com/snapfs/snapfs/objstore"
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+// rawSHA256Key is the user metadata key holding the lower-case hex sha256
+// of an image's whole raw content (written by snapfs export).
+const rawSHA256Key = "snapfs-raw-sha256"
+
+// volumeFlags are the flags of a local volume (import, serve --volume,
+// mount --volume).
+func volumeFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "state", Usage: "the volume's state file `PATH` (default: TARGET.snapfs-state)"},
+		&cli.StringFlag{Name: "size", Usage: "make a new target `N` bytes (at least the virtual size; the extra reads as zeros)"},
+	}
+}
+
+// localVolume is an image served through a local volume.
+type localVolume struct {
+	dev  *disk.Local
+	im   *qcow2.Image
+	info objstore.ObjectInfo // the object's size, ETag and metadata
+}
+
+// Close closes the device, its volume and the image.
+func (v *localVolume) Close() error {
+	return errors.Join(v.dev.Close(), v.im.Close())
+}
+
+// openVolume opens the image at key of st and the local volume at target
+// for it (created when missing; refused when made for another version).
+func openVolume(c *cli.Context, st objstore.Store, key, target string, writable bool, m *objstore.Metrics) (*localVolume, error) {
+	if key == "" || strings.HasSuffix(key, "/") {
+		return nil, fmt.Errorf("%s: a local volume needs one image, not a prefix", st.URL(key))
+	}
+	ctx := c.Context
+	info, err := st.Stat(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	var size int64
+	if s := c.String("size"); s != "" {
+		if size, err = parseBytes("size", s); err != nil {
+			return nil, err
+		}
+	}
+	im, err := qcow2.Open(ctx, st, key, nil)
+	if err != nil {
+		return nil, err
+	}
+	g := max(im.ClusterSize(), cache.DefaultGranularity)
+	vopts := cache.VolumeOptions{StatePath: c.String("state"), Size: size}
+	if s := c.String("flush-batch"); s != "" {
+		if vopts.FlushBytes, err = parseBytes("flush-batch", s); err != nil {
+			im.Close()
+			return nil, err
+		}
+	}
+	vol, err := cache.OpenVolume(target, cache.VolumeSource{URL: st.URL(key), ETag: info.ETag, VirtualSize: im.Size(), Granularity: g}, vopts)
+	if err != nil {
+		im.Close()
+		return nil, err
+	}
+	d, err := disk.New(im, disk.Options{BlockSize: g, Metrics: m})
+	if err == nil {
+		var l *disk.Local
+		if l, err = disk.NewLocal(d, vol, writable); err == nil {
+			return &localVolume{dev: l, im: im, info: info}, nil
+		}
+		d.Close()
+	}
+	vol.Close()
+	im.Close()
+	return nil, err
+}
+
+// sharedDevice is a device that several users hold: Close does nothing
+// (its owner closes the device).
+type sharedDevice struct{ disk.Device }
+
+// Close does nothing.
+func (sharedDevice) Close() error { return nil }
+
+// hydrate runs the background pass of v with the import flags.
+func (v *localVolume) hydrate(ctx context.Context, opts disk.HydrateOptions) error {
+	opts.Image = v.im
+	opts.RawSHA256 = v.info.Metadata[rawSHA256Key]
+	return v.dev.Hydrate(ctx, opts)
+}
