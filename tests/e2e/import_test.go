@@ -463,6 +463,43 @@ func TestImportServe(t *testing.T) {
 		check("complete, MinIO stopped")
 	})
 
+	// serve --volume: pure copy-on-read, no background pass; read-only
+	// unless --writable.
+	t.Run("serve-volume", func(t *testing.T) {
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "cor.qcow2", 14)
+		target := filepath.Join(t.TempDir(), "cor.raw")
+		p := startServe(t, m.Env(), "--volume", target, "--listen", "127.0.0.1:0", im.url)
+		uri := p.uri("cor.qcow2")
+		got, res := qemuIOReads(t, uri, []qemuIORead{{off: 5 << 20, n: 4096}})
+		if got[0] == nil || !bytes.Equal(got[0], want[5<<20:5<<20+4096]) {
+			t.Fatalf("read through serve --volume: %s", res)
+		}
+		if r := runTool(t, time.Minute, "qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri); r.code == 0 && !strings.Contains(string(r.stdout)+r.stderr, "failed") {
+			t.Fatalf("a write to a read-only --volume export worked: %s", r)
+		}
+		time.Sleep(2 * time.Second) // two flush intervals
+		st, code := volumeStatus(t, target)
+		pb, _ := st["present_bytes"].(float64)
+		if code != 3 || pb < 64<<10 || pb >= 32<<20 {
+			t.Fatalf("after one read, status exit %d, %v: want some bytes local and no background copy", code, st)
+		}
+		out := filepath.Join(t.TempDir(), "out.raw")
+		mustTool(t, time.Minute, "nbdcopy", uri, out)
+		if b, _ := os.ReadFile(out); !bytes.Equal(b, want) {
+			t.Fatalf("serve --volume content differs: %s", firstDiff(b, want))
+		}
+		p.signal(t, syscall.SIGTERM, 15*time.Second)
+		if b, _ := os.ReadFile(target); !bytes.Equal(b, want) {
+			t.Fatal("after a full read the volume differs from the image")
+		}
+		if st, _ := volumeStatus(t, target); st["present_bytes"] != float64(32<<20) {
+			t.Fatalf("after a full read and exit: %v", st)
+		}
+	})
+
 	t.Run("minio-stopped", func(t *testing.T) {
 		if !m.Running() {
 			m.Start(t)
