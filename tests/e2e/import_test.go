@@ -187,6 +187,49 @@ func TestImport(t *testing.T) {
 		}
 	})
 
+	// A block device (a loop device over a file full of 0xff): holes are
+	// written as zeros, and a device smaller than the image is refused.
+	t.Run("blockdev", func(t *testing.T) {
+		loop := func(size int64) string {
+			f := filepath.Join(t.TempDir(), "dev.img")
+			if err := os.WriteFile(f, bytes.Repeat([]byte{0xff}, int(size)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out, err := exec.Command("losetup", "-f", "--show", f).CombinedOutput()
+			if err != nil {
+				t.Skipf("no loop device: %v %s", err, out)
+			}
+			dev := strings.TrimSpace(string(out))
+			t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+			return dev
+		}
+		im := ims["zstd-64k"] // 24 MiB
+		small := loop(16 << 20)
+		res := runCLI(t, cliRun{args: []string{"import", "--state", filepath.Join(t.TempDir(), "s"), im.url, small}, env: env})
+		if res.code == 0 || !strings.Contains(res.stderr, "smaller than the") {
+			t.Fatalf("import into a smaller device: %s", res)
+		}
+		dev := loop(30 << 20)
+		state := filepath.Join(t.TempDir(), "dev.state")
+		res = runCLI(t, cliRun{args: []string{"import", "--state", state, im.url, dev}, env: env})
+		if res.code != 0 {
+			t.Fatalf("import into %s: %s", dev, res)
+		}
+		got := make([]byte, im.ref.size)
+		f, err := os.Open(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := io.ReadFull(f, got); err != nil {
+			t.Fatal(err)
+		}
+		want, _ := os.ReadFile(im.ref.raw)
+		if d := firstDiff(got, want); d != "" {
+			t.Fatalf("the device differs from qemu-img convert: %s", d)
+		}
+	})
+
 	t.Run("fulldisk", func(t *testing.T) {
 		mnt := t.TempDir()
 		if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=4m"); err != nil {
