@@ -543,6 +543,52 @@ func TestImportServe(t *testing.T) {
 		}
 	})
 
+	// mount --volume --writable: copy-on-read through FUSE, writes kept.
+	t.Run("mount-volume", func(t *testing.T) {
+		fuseNeed(t)
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "mvol.qcow2", 15)
+		target := filepath.Join(t.TempDir(), "mvol.raw")
+		mnt := t.TempDir()
+		p := fuseMount(t, m.Env(), mnt, "mount", "--volume", target, "--writable", im.url, mnt)
+		file := filepath.Join(mnt, "mvol.raw")
+		fuseDeadline(t, time.Minute, "write and read of the mounted volume", func() {
+			f, err := os.OpenFile(file, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(bytes.Repeat([]byte{0x3c}, 3000), 7<<20+5); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			for i := 7<<20 + 5; i < 7<<20+3005; i++ {
+				want[i] = 0x3c
+			}
+			got := make([]byte, len(want))
+			if _, err := f.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if d := firstDiff(got, want); d != "" {
+				t.Fatalf("mount --volume content differs from image + write: %s", d)
+			}
+		})
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if code := p.wait(t, 20*time.Second); code != 0 {
+			t.Errorf("mount --volume exits %d on SIGTERM:\n%s", code, p.stderr)
+		}
+		if got, _ := os.ReadFile(target); !bytes.Equal(got, want) {
+			t.Fatalf("the volume differs from image + write: %s", firstDiff(got, want))
+		}
+		if st, code := volumeStatus(t, target); code != 3 || st["modified"] != true {
+			t.Errorf("status after mount --volume: exit %d, %v (want not complete: no background pass; modified)", code, st)
+		}
+	})
+
 	t.Run("minio-stopped", func(t *testing.T) {
 		if !m.Running() {
 			m.Start(t)
