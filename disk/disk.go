@@ -52,8 +52,12 @@ const (
 	DefaultMinFetch = 256 << 10
 	// DefaultMaxWindow caps the fetch window of a sequential stream.
 	DefaultMaxWindow = 16 << 20
-	// DefaultMaxInFlight bounds the fetches under way per disk.
-	DefaultMaxInFlight = 16
+	// DefaultMaxInFlight bounds the fetches under way per disk: as many
+	// as the requests a QD32 random reader keeps in flight, each of which
+	// may miss (with 16, such a reader waited for GET slots at 10 ms of
+	// store latency). At most a quarter of them may be larger than
+	// MinFetch.
+	DefaultMaxInFlight = 32
 	// minBlockSize is the least default block size.
 	minBlockSize = 64 << 10
 	// maxBlocks bounds the block count so that a block index fits in the
@@ -76,7 +80,8 @@ type Options struct {
 	// MaxWindow caps the window of a sequential stream, which doubles on
 	// each fetch from MinFetch up to MaxWindow. Zero means DefaultMaxWindow.
 	MaxWindow int64
-	// MaxInFlight bounds the fetches under way. Zero means DefaultMaxInFlight.
+	// MaxInFlight bounds the fetches under way, a quarter of them (at
+	// least one) larger than MinFetch. Zero means DefaultMaxInFlight.
 	MaxInFlight int
 	// Stats receives the counters; it may be shared by several disks.
 	// Nil means a private one.
@@ -105,13 +110,19 @@ type Disk struct {
 	keepAhead int64
 
 	cache   *cache.Memory
-	id      uint64 // tags this disk's cache entries
+	id      uint64 // the tag of this disk's cache entries: a key reused by a later disk (ids wrap after 2^24) misses
 	keyBase uint64
 
 	stats   *Stats
 	metrics *objstore.Metrics
 	sem     chan struct{}
+	// bigSem bounds the fetches larger than MinFetch to a quarter of
+	// sem: their buffers are most of the memory a disk holds besides the
+	// cache, and a few large GETs already reach the store's rate, while
+	// random readers need as many small GETs as requests in flight.
+	bigSem  chan struct{}
 	streams streamTable
+	dense   denseTable
 
 	ctx    context.Context // cancelled by Close; fetches run under it
 	cancel context.CancelFunc
@@ -182,6 +193,7 @@ func New(im Image, opts Options) (*Disk, error) {
 		stats:    stats,
 		metrics:  opts.Metrics,
 		sem:      make(chan struct{}, inFlight),
+		bigSem:   make(chan struct{}, max(inFlight/4, 1)),
 		ctx:      ctx,
 		cancel:   cancel,
 		inflight: make(map[int64]*flight),

@@ -164,6 +164,9 @@ func TestFetchClippedToData(t *testing.T) {
 	p := make([]byte, 100)
 	read := func(off int64) [][2]int64 {
 		t.Helper()
+		// Each read on its own, as a random reader's: forget the misses
+		// before, which would make the region dense.
+		d.dense = denseTable{}
 		if _, err := d.ReadAt(ctx, p, off); err != nil {
 			t.Fatal(err)
 		}
@@ -218,9 +221,10 @@ func TestLargeRequestSplit(t *testing.T) {
 	}
 }
 
-// Sequential 4 KiB reads: the window doubles from MinFetch up to
-// MaxWindow, each window fetched ahead of the reader as up to
-// windowPieces parallel fetches; every byte is fetched once.
+// Sequential 4 KiB reads: after the first MinFetch, the stream is read
+// ahead in region-aligned fetches of a dense region each (the window,
+// which doubles up to MaxWindow, decides how far ahead); every byte is
+// fetched once.
 func TestWindowDoubling(t *testing.T) {
 	f := &fakeImage{size: 64 * mib, cluster: 64 << 10}
 	d := fakeDisk(t, f, Options{MinFetch: 256 << 10, MaxWindow: 4 * mib})
@@ -237,16 +241,114 @@ func TestWindowDoubling(t *testing.T) {
 	r := f.takeReads()
 	slices.SortFunc(r, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
 	pos := int64(0)
-	for _, x := range r {
-		if x[0] != pos || x[1] > 1*mib {
-			t.Fatalf("fetch of %d at %d (want at %d, at most 1 MiB): %v", x[1], x[0], pos, r)
+	for i, x := range r {
+		want := int64(denseRegion)
+		if i == 0 {
+			want = 256 << 10
+		}
+		if x[0] != pos || x[1] > want || i > 0 && (x[0]+x[1])%denseRegion != 0 {
+			t.Fatalf("fetch of %d at %d (want at %d, at most %d, ending on a region boundary): %v", x[1], x[0], pos, want, r)
 		}
 		pos += x[1]
 	}
-	// Windows 256K, 512K, 1M, 2M, then 4M: 1+2+4+4 fetches for the first
-	// 3.75 MiB, 4 per 4 MiB after that.
-	if pos != f.size || len(r) > 11+4*16 {
+	// 256 KiB, the rest of the first region, then one fetch per region.
+	if pos != f.size || len(r) != 1+16 {
 		t.Fatalf("%d fetches cover [0, %d): %v", len(r), pos, r)
+	}
+}
+
+// A parallel copier's requests, adjacent but arriving in any order (as
+// nbdcopy's 64 per connection do), make their region dense: it is fetched
+// in a few large pieces instead of one MinFetch per request, every byte
+// once.
+func TestDenseRegionOutOfOrder(t *testing.T) {
+	const req = 256 << 10
+	f := &fakeImage{size: 64 * mib, cluster: 64 << 10, holes: [][2]int64{{5 * mib, 6 * mib}}}
+	d := fakeDisk(t, f, Options{MinFetch: req})
+	offs := make([]int64, 0, 16*mib/req)
+	for off := int64(0); off < 16*mib; off += req {
+		offs = append(offs, off)
+	}
+	// A fixed shuffle: neighbours arrive apart, never two in a row.
+	for i := range offs {
+		j := (i * 37) % len(offs)
+		offs[i], offs[j] = offs[j], offs[i]
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(offs))
+	sem := make(chan struct{}, 4)
+	for _, off := range offs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			p := make([]byte, req)
+			if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+				errs <- err
+				return
+			}
+			for i := range p {
+				want := pattern(off + int64(i))
+				if f.inHole(off + int64(i)) {
+					want = 0
+				}
+				if p[i] != want {
+					errs <- fmt.Errorf("byte %d: %#x, want %#x", off+int64(i), p[i], want)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	settle(d)
+	r := f.takeReads()
+	slices.SortFunc(r, func(a, b [2]int64) int { return cmp.Compare(a[0], b[0]) })
+	var fetched int64
+	for i, x := range r {
+		if i > 0 && r[i-1][0]+r[i-1][1] > x[0] {
+			t.Fatalf("overlapping fetches: %v", r)
+		}
+		if x[0] < 6*mib && x[0]+x[1] > 5*mib {
+			t.Fatalf("the hole was fetched: %v", r)
+		}
+		fetched += x[1]
+	}
+	// 64 requests over 4 regions: in each, the misses before it became
+	// dense (denseMisses, and those in flight alongside) and the pieces
+	// between them; one fetch per request without dense regions.
+	if len(r) > len(offs)/2 || fetched > 16*mib {
+		t.Fatalf("%d requests made %d fetches of %d bytes: %v", len(offs), len(r), fetched, r)
+	}
+}
+
+// Random misses, however many, rarely make a region dense: the fetches
+// stay MinFetch.
+func TestDenseNotRandom(t *testing.T) {
+	f := &fakeImage{size: 1 << 30, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{MinFetch: 256 << 10})
+	p := make([]byte, 4096)
+	rng := uint64(1)
+	for range 500 {
+		rng = rng*6364136223846793005 + 1442695040888963407
+		off := int64(rng>>34) % f.size &^ 4095
+		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle(d)
+	var big int
+	for _, x := range f.takeReads() {
+		if x[1] > 256<<10 {
+			big++
+		}
+	}
+	if big > 2 {
+		t.Fatalf("%d of 500 random reads fetched more than MinFetch", big)
 	}
 }
 
@@ -285,5 +387,94 @@ func TestNewOptions(t *testing.T) {
 	d.Close()
 	if _, err := New(f, Options{BlockSize: 3000}); err == nil {
 		t.Fatal("block size 3000 accepted")
+	}
+}
+
+// slowImage is a fakeImage whose reads take a while; it records how many
+// run at once, in all and larger than big.
+type slowImage struct {
+	*fakeImage
+	big int64
+
+	mu                         sync.Mutex
+	cur, curBig, most, mostBig int
+}
+
+func (s *slowImage) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	large := int64(len(p)) > s.big
+	s.mu.Lock()
+	s.cur++
+	s.most = max(s.most, s.cur)
+	if large {
+		s.curBig++
+		s.mostBig = max(s.mostBig, s.curBig)
+	}
+	s.mu.Unlock()
+	time.Sleep(20 * time.Millisecond)
+	s.mu.Lock()
+	s.cur--
+	if large {
+		s.curBig--
+	}
+	s.mu.Unlock()
+	return s.fakeImage.ReadAtContext(ctx, p, off)
+}
+
+// At most MaxInFlight fetches run at once, and of those at most a quarter
+// are larger than MinFetch, while small reads keep their slots.
+func TestBigFetchesBounded(t *testing.T) {
+	s := &slowImage{fakeImage: &fakeImage{size: 128 * mib, cluster: 64 << 10}, big: 256 << 10}
+	c, err := cache.NewMemory(128 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	d, err := New(s, Options{Cache: c, MinFetch: 256 << 10, MaxInFlight: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, 17)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		errs <- d.Prefetch(ctx, 0, 32*mib) // 8 pieces of 4 MiB
+	}()
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			off := 64*mib + int64(i)*denseRegion // a region each: one small fetch each
+			p := make([]byte, 4096)
+			if _, err := d.ReadAt(ctx, p, off); err != nil {
+				errs <- err
+				return
+			}
+			for j := range p {
+				if p[j] != pattern(off+int64(j)) {
+					errs <- fmt.Errorf("byte %d wrong", off+int64(j))
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle(d)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mostBig > 2 || s.most > 8 {
+		t.Fatalf("%d fetches at once, %d of them large; want at most 8 and 2", s.most, s.mostBig)
+	}
+	if s.mostBig < 2 || s.most <= s.mostBig {
+		t.Fatalf("%d fetches at once, %d of them large: the bounds were not exercised", s.most, s.mostBig)
 	}
 }

@@ -6,17 +6,11 @@ package disk
 
 import (
 	"context"
-	"encoding/binary"
 	"io"
 	"sync/atomic"
 
 	"github.com/snapfs/snapfs/qcow2"
 )
-
-// tagLen is the length of the tag after a block's bytes in the cache: the
-// id of the disk that stored it, so that a key reused by a later disk
-// (ids wrap after 2^24 disks) is a miss, never another disk's data.
-const tagLen = 8
 
 // flight is one fetch of the blocks [start, start+n) with a single image
 // read into a pooled buffer. Readers needing one of its blocks wait for
@@ -41,17 +35,18 @@ func (d *Disk) release(f *flight) {
 
 func (d *Disk) blockLen(b int64) int64 { return min(d.bs, d.size-b<<d.shift) }
 
-// lookup returns block b from the memory tier.
-func (d *Disk) lookup(b int64) ([]byte, bool) {
+// copyCached copies into p (guest offset off) the part of block b that
+// overlaps it, from the memory tier; false when the block is not there.
+func (d *Disk) copyCached(p []byte, off int64, b int64) bool {
 	if d.cache == nil {
-		return nil, false
+		return false
 	}
-	v, ok := d.cache.Get(d.keyBase | uint64(b))
-	bl := d.blockLen(b)
-	if !ok || int64(len(v)) != bl+tagLen || binary.LittleEndian.Uint64(v[bl:]) != d.id {
-		return nil, false
+	bs0 := b << d.shift
+	lo, hi := max(off, bs0), min(off+int64(len(p)), bs0+d.blockLen(b))
+	if lo >= hi {
+		return false
 	}
-	return v[:bl], true
+	return d.cache.Read(d.keyBase|uint64(b), d.id, p[lo-off:hi-off], int(lo-bs0))
 }
 
 // cached reports whether block b is in the memory tier, without counting.
@@ -93,15 +88,14 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 		h = d.streams.note(off, end, d.bs)
 		// Read ahead before serving the request, which may wait for a
 		// fetch: the next window's GETs overlap with that wait.
-		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.size, d.maxWin, d.keepAhead); ok {
+		if lo, hi, ok := d.streams.readahead(h, end, d.bs, d.regionBlocks()<<d.shift, d.size, d.maxWin, d.keepAhead); ok {
 			d.readahead(ctx, lo, hi)
 		}
 	}
 	var stack [16]int64
 	missing := stack[:0]
 	for b := b0; b < b1; b++ {
-		if v, ok := d.lookup(b); ok {
-			overlapCopy(p, off, v, b<<d.shift)
+		if d.copyCached(p, off, b) {
 			continue
 		}
 		missing = append(missing, b)
@@ -162,7 +156,10 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 		if h.seq {
 			win = min(2*d.streams.window(h), d.maxWin)
 			piece = d.pieceOf(win)
-			extHi = max(hi, lo+win>>d.shift)
+			// Up to the end of the region: a parallel copier's
+			// requests arrive out of order, and region-aligned fetches
+			// do not leave slivers between them.
+			extHi = roundUp(max(hi, lo+win>>d.shift), d.regionBlocks())
 		} else {
 			win, piece = d.minFetch, d.minFetch
 			mf := d.minFetch >> d.shift
@@ -193,20 +190,20 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 	if len(need) == 0 {
 		return nil
 	}
+	if d.cache != nil {
+		d.fetchDense(ctx, need[0])
+	}
 	d.mu.Lock()
 	if d.closed.Load() {
 		d.mu.Unlock()
 		return errClosed
 	}
-	own, joined, late := d.claimLocked(need, alloc, extLo, extHi, piece>>d.shift, forRead)
+	own, joined, late := d.claimLocked(p, off, need, alloc, extLo, extHi, piece>>d.shift, forRead)
 	d.mu.Unlock()
-	for _, c := range late {
-		overlapCopy(p, off, c.data, c.b<<d.shift)
+	if late > 0 {
+		d.stats.Hits.Add(late)
 	}
-	if len(late) > 0 {
-		d.stats.Hits.Add(int64(len(late)))
-	}
-	d.stats.Misses.Add(int64(len(need) - len(late)))
+	d.stats.Misses.Add(int64(len(need)) - late)
 	if d.cache != nil && len(own) > 0 {
 		// Only a new fetch widens the stream's window: readers joining
 		// fetches under way do not.
@@ -214,6 +211,19 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 	}
 	d.launch(own)
 	return d.wait(ctx, p, off, own, joined)
+}
+
+// fetchDense notes a miss of block b and, when its region has become
+// dense (see denseTable), starts fetching the region's blocks with data
+// that are neither cached nor being fetched, in pieces of up to a region,
+// so that the reader (and the next ones) join those fetches.
+func (d *Disk) fetchDense(ctx context.Context, b int64) {
+	rb := d.regionBlocks()
+	r := b / rb
+	if !d.dense.miss(r) {
+		return
+	}
+	_ = d.fill(ctx, r*rb, min((r+1)*rb, d.nblocks), rb, true)
 }
 
 // allocated returns, for each block of [b0, b1), whether it holds data
@@ -238,17 +248,11 @@ func (d *Disk) allocated(ctx context.Context, b0, b1 int64) ([]bool, error) {
 	return alloc, nil
 }
 
-// cachedBlock is a block found in the cache by claimLocked.
-type cachedBlock struct {
-	b    int64
-	data []byte
-}
-
 // Who claims blocks.
 type claimMode int
 
 const (
-	forRead     claimMode = iota // a reader: joins fetches, takes late cached blocks
+	forRead     claimMode = iota // a reader: joins fetches, copies late cached blocks
 	forPrefetch                  // Prefetch: joins fetches, skips cached blocks
 	forAhead                     // read-ahead: skips cached blocks and fetches under way
 )
@@ -256,20 +260,20 @@ const (
 // claimLocked, with d.mu held, sorts the blocks of need (ascending, with
 // data) into fetches under way, which the caller joins unless forAhead;
 // blocks cached since the caller looked (a fetch ended meanwhile), which
-// are returned in late forRead and skipped otherwise; and runs of free
-// blocks, for which it creates and registers flights of at most
-// pieceBlocks blocks. The first run is widened down to extLo and the last
+// forRead are copied into p (guest offset off) and counted in late, and
+// otherwise skipped; and runs of free blocks, for which it creates and
+// registers flights of at most pieceBlocks blocks. The first run is widened down to extLo and the last
 // up to extHi over blocks that have data (alloc, indexed from extLo) and
 // are neither cached nor being fetched. The caller must launch own and,
 // unless forAhead, wait for own and joined.
-func (d *Disk) claimLocked(need []int64, alloc []bool, extLo, extHi, pieceBlocks int64, mode claimMode) (own, joined []*flight, late []cachedBlock) {
+func (d *Disk) claimLocked(p []byte, off int64, need []int64, alloc []bool, extLo, extHi, pieceBlocks int64, mode claimMode) (own, joined []*flight, late int64) {
 	type run struct{ lo, hi int64 }
 	var runs []run
 	var shared int64
 	for _, b := range need {
 		if mode == forRead {
-			if v, ok := d.lookup(b); ok {
-				late = append(late, cachedBlock{b, v})
+			if d.copyCached(p, off, b) {
+				late++
 				continue
 			}
 		} else if d.cached(b) {
@@ -386,13 +390,10 @@ func (d *Disk) run(f *flight) {
 		buf := *f.buf
 		for i := range f.n {
 			b := f.start + i
-			bl := d.blockLen(b)
-			v := make([]byte, bl+tagLen)
-			copy(v, buf[i<<d.shift:])
-			binary.LittleEndian.PutUint64(v[bl:], d.id)
-			d.cache.Set(d.keyBase|uint64(b), v)
+			s := i << d.shift
+			d.cache.Put(d.keyBase|uint64(b), d.id, buf[s:s+d.blockLen(b)])
 		}
-		// Make the blocks visible to Get before the flight disappears, so
+		// Make the blocks visible to Read before the flight disappears, so
 		// that a reader arriving now finds them (unless refused).
 		d.cache.Wait()
 	}
@@ -410,8 +411,19 @@ func (d *Disk) unregister(f *flight) {
 	d.mu.Unlock()
 }
 
-// fetch reads f's range from the image, at most cap(d.sem) at a time.
+// fetch reads f's range from the image, at most cap(d.sem) at a time, and
+// of those at most cap(d.bigSem) larger than MinFetch.
 func (d *Disk) fetch(f *flight) error {
+	if f.len > d.minFetch {
+		// Large fetches also take a slot of bigSem, before one of sem,
+		// so that waiting for it never holds up small reads.
+		select {
+		case d.bigSem <- struct{}{}:
+		case <-d.ctx.Done():
+			return errClosed
+		}
+		defer func() { <-d.bigSem }()
+	}
 	select {
 	case d.sem <- struct{}{}:
 	case <-d.ctx.Done():
@@ -457,10 +469,17 @@ func (d *Disk) readahead(ctx context.Context, lo, hi int64) {
 const windowPieces = 4
 
 // pieceOf returns the size of the fetches a window of w bytes is split
-// into: w/windowPieces in whole blocks, at least MinFetch.
+// into: w/windowPieces in whole blocks, at least a dense region and
+// MinFetch. Small GETs cost the store about as much CPU as large ones.
 func (d *Disk) pieceOf(w int64) int64 {
-	return max(d.minFetch, (w/windowPieces+d.bs-1)>>d.shift<<d.shift)
+	return max(d.minFetch, d.regionBlocks()<<d.shift, (w/windowPieces+d.bs-1)>>d.shift<<d.shift)
 }
+
+// regionBlocks returns the blocks per dense region (at least one).
+func (d *Disk) regionBlocks() int64 { return max(int64(denseRegion)>>d.shift, 1) }
+
+// roundUp rounds v up to a multiple of m.
+func roundUp(v, m int64) int64 { return (v + m - 1) / m * m }
 
 // fill fetches the blocks with data of [b0, b1) that are not cached, in
 // pieces of at most pieceBlocks, and with ahead unset waits for them
@@ -489,7 +508,7 @@ func (d *Disk) fill(ctx context.Context, b0, b1, pieceBlocks int64, ahead bool) 
 	if ahead {
 		mode = forAhead
 	}
-	own, joined, _ := d.claimLocked(need, alloc, b0, b1, pieceBlocks, mode)
+	own, joined, _ := d.claimLocked(nil, 0, need, alloc, b0, b1, pieceBlocks, mode)
 	d.mu.Unlock()
 	d.launch(own)
 	if ahead {

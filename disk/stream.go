@@ -108,8 +108,8 @@ func (t *streamTable) fetched(h hint, w, end int64) {
 // the reader; at full size (maxWin) it keeps up to keep bytes ahead, so
 // that the GETs of two windows overlap instead of the reader draining one
 // before the next starts. It returns the range to fetch, [lo, hi), block
-// aligned (bs) and clipped to size.
-func (t *streamTable) readahead(h hint, end, bs, size, maxWin, keep int64) (lo, hi int64, ok bool) {
+// aligned (bs), ending on a multiple of region, and clipped to size.
+func (t *streamTable) readahead(h hint, end, bs, region, size, maxWin, keep int64) (lo, hi int64, ok bool) {
 	if !h.seq {
 		return 0, 0, false
 	}
@@ -128,10 +128,58 @@ func (t *streamTable) readahead(h hint, end, bs, size, maxWin, keep int64) (lo, 
 	}
 	w := min(2*s.window, maxWin)
 	lo = max(s.ahead, (end+bs-1)/bs*bs)
-	hi = min(lo+w, size)
+	hi = min((lo+w+region-1)/region*region, size)
 	if lo >= hi {
 		return 0, 0, false
 	}
 	s.window, s.ahead = w, hi
 	return lo, hi, true
+}
+
+// Dense regions. nbdcopy and other parallel copiers keep dozens of
+// requests in flight per connection, spread over several MiB, and they
+// reach the disk out of order and around holes: the stream detector sees
+// jumps, keeps restarting at MinFetch, and the store gets many small GETs.
+// A region of the disk where several misses land close together in time
+// is being copied, whatever the order: it is then fetched whole, in
+// large pieces. Random readers rarely miss in the same region that often.
+const (
+	// denseRegion is the size of a region, in bytes.
+	denseRegion = 4 << 20
+	// denseRing is how many recent misses are remembered.
+	denseRing = 32
+	// denseMisses is how many of those, in one region, make it dense.
+	denseMisses = 4
+)
+
+// denseTable remembers the regions of the most recent misses.
+type denseTable struct {
+	mu   sync.Mutex
+	ring [denseRing]int64 // region+1 of each recent miss; 0: none
+	pos  int
+}
+
+// miss records a miss in region r and reports whether the region now has
+// denseMisses of the recent misses. The region's entries are then
+// cleared, so that it triggers again only after as many new misses.
+func (t *denseTable) miss(r int64) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.ring[t.pos] = r + 1
+	t.pos = (t.pos + 1) % denseRing
+	n := 0
+	for _, v := range t.ring {
+		if v == r+1 {
+			n++
+		}
+	}
+	if n < denseMisses {
+		return false
+	}
+	for i, v := range t.ring {
+		if v == r+1 {
+			t.ring[i] = 0
+		}
+	}
+	return true
 }

@@ -590,3 +590,20 @@ func (s *FileStore) AbortMultipart(ctx context.Context, key, uploadID string) er
 	}
 	return nil
 }
+
+// ReplaceMetadata rewrites key's metadata sidecar, if key exists and its
+// ETag is still etag.
+func (s *FileStore) ReplaceMetadata(ctx context.Context, key, etag string, meta map[string]string) error {
+	info, err := s.Stat(ctx, key)
+	if err != nil {
+		return err
+	}
+	u := s.URL(key)
+	if etag != "" && info.ETag != etag {
+		return &Error{Op: "replace-metadata", URL: u, Err: ErrChanged}
+	}
+	if err := s.writeMeta(key, meta); err != nil {
+		return fsError("replace-metadata", u, err)
+	}
+	return nil
+}

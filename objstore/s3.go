@@ -330,3 +330,15 @@ func (s *S3Store) AbortMultipart(ctx context.Context, key, uploadID string) erro
 	}
 	return nil
 }
+
+// ReplaceMetadata copies key onto itself with meta (a multipart copy when
+// the object is over 5 GiB), if its ETag is still etag.
+func (s *S3Store) ReplaceMetadata(ctx context.Context, key, etag string, meta map[string]string) error {
+	_, err := s.core.Client.ComposeObject(ctx,
+		minio.CopyDestOptions{Bucket: s.bucket, Object: key, UserMetadata: meta, ReplaceMetadata: true},
+		minio.CopySrcOptions{Bucket: s.bucket, Object: key, MatchETag: etag})
+	if err != nil {
+		return s.s3Error("replace-metadata", key, err)
+	}
+	return nil
+}

@@ -118,3 +118,12 @@ func (e *Error) Error() string {
 
 // Unwrap returns the cause.
 func (e *Error) Unwrap() error { return e.Err }
+
+// MetadataReplacer is implemented by stores that can replace the user
+// metadata of an existing object without uploading it again (S3 by a
+// server-side copy onto itself; the file store by rewriting its sidecar).
+type MetadataReplacer interface {
+	// ReplaceMetadata sets key's user metadata to meta, if key still has
+	// the given ETag (any ETag when etag is empty).
+	ReplaceMetadata(ctx context.Context, key, etag string, meta map[string]string) error
+}

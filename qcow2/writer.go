@@ -315,14 +315,7 @@ func getRefcount(block []byte, order uint, i int64) uint64 {
 // refcountTableCluster fills buf (one zeroed cluster) with cluster i of the
 // refcount table.
 func (l *imageLayout) refcountTableCluster(buf []byte, i int64) {
-	per := l.clusterSize / 8
-	for j := int64(0); j < per; j++ {
-		b := i*per + j
-		if b >= l.refBlocks {
-			break
-		}
-		binary.BigEndian.PutUint64(buf[j*8:], uint64(l.refBlocksOffset+b*l.clusterSize))
-	}
+	fillRefTableCluster(buf, i, l.refBlocks, l.refBlocksOffset)
 }
 
 // refcountBlock fills buf (one zeroed cluster) with refcount block i: 1 for

@@ -59,6 +59,8 @@ func newApp() *cli.App {
 			umountCommand(),
 			importCommand(),
 			statusCommand(),
+			exportCommand(),
+			digestCommand(),
 		},
 	}
 }

@@ -114,6 +114,7 @@ type cliRun struct {
 	env     []string      // added to the environment (AWS_* of the host are removed)
 	dir     string        // working directory
 	stdout  io.Writer     // default: captured in result.stdout
+	stdin   io.Reader     // default: empty
 	timeout time.Duration // default: 2 minutes
 }
 
@@ -177,6 +178,7 @@ func startCLI(t *testing.T, c cliRun, pipe *io.ReadCloser) (*result, *exec.Cmd, 
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 5 * time.Second
 	cmd.Dir = c.dir
+	cmd.Stdin = c.stdin
 	cmd.Env = append(append(cleanEnv(), c.env...), runnerEnv+"=1")
 	var errb lockedBuffer
 	cmd.Stderr = &errb

@@ -1,0 +1,142 @@
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/snapfs/snapfs/qcow2"
+)
+
+func digestCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "digest",
+		Usage:     "print the sha256 of a disk's raw content, the same whatever the container",
+		ArgsUsage: "SOURCE_OR_URL",
+		Description: "A URL with a scheme (s3://, https://, file://) is a QCOW2 image: only its allocated " +
+			"clusters are read, holes are hashed as zeros without a fetch, and the result is checked " +
+			"against the object's snapfs-raw-sha256 metadata when it has one (exit 1 on a mismatch). " +
+			"A plain path is a raw file or block device (holes found with SEEK_DATA are not read), " +
+			"- is stdin (with --size). The raw content is the virtual size: the source size rounded " +
+			"up to 512 bytes, the extra bytes zeros, as export writes it.",
+		Flags: withGlobal(
+			&cli.IntFlag{Name: "jobs", Aliases: []string{"j"}, Value: 8, Usage: "reads in flight (images)"},
+			&cli.StringFlag{Name: "size", Usage: "size of stdin in bytes"},
+		),
+		Action: runDigest,
+	}
+}
+
+func runDigest(c *cli.Context) error {
+	arg, err := oneURL(c)
+	if err != nil {
+		return err
+	}
+	w := c.App.Writer
+	if !strings.Contains(arg, "://") {
+		size := int64(-1)
+		if c.IsSet("size") {
+			if size, err = parseBytes("size", c.String("size")); err != nil {
+				return cli.Exit(err.Error(), 2)
+			}
+		}
+		src, err := openRawSource(arg, size)
+		if err != nil {
+			return err
+		}
+		defer src.Close()
+		sum, err := digestRaw(c, src)
+		if err != nil {
+			return fmt.Errorf("%s: %w", src.name, err)
+		}
+		fmt.Fprintf(w, "%s  %s\n", sum, arg)
+		return nil
+	}
+
+	st, key, err := openStore(c, arg)
+	if err != nil {
+		return err
+	}
+	info, err := st.Stat(c.Context, key)
+	if err != nil {
+		return err
+	}
+	im, err := qcow2.Open(c.Context, st, key, nil)
+	if err != nil {
+		return err
+	}
+	defer im.Close()
+	h := sha256.New()
+	if err := catToStream(c.Context, im, h, 8<<20, max(c.Int("jobs"), 1), func(int64) {}); err != nil {
+		return err
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	fmt.Fprintf(w, "%s  %s\n", sum, im.URL())
+	if want, ok := info.Metadata[metaRawSHA256]; ok {
+		if !strings.EqualFold(want, sum) {
+			return cli.Exit(fmt.Sprintf("%s: raw content sha256 %s does not match its %s metadata %s: the object is corrupt or was changed",
+				im.URL(), sum, metaRawSHA256, want), 1)
+		}
+		fmt.Fprintf(os.Stderr, "snapfs: %s: matches its %s metadata\n", im.URL(), metaRawSHA256)
+	}
+	return nil
+}
+
+// digestRaw hashes a raw source in order, hashing zeros for its holes
+// without reading them, and zeros up to the next multiple of 512.
+func digestRaw(c *cli.Context, src *rawSource) (string, error) {
+	h := sha256.New()
+	buf := make([]byte, 4<<20)
+	pos := int64(0)
+	r := src.reader()
+	hs, _ := r.(qcow2.HoleSeeker)
+	for pos < src.size {
+		if err := c.Context.Err(); err != nil {
+			return "", err
+		}
+		end := src.size
+		if hs != nil {
+			start, e, err := hs.NextData(pos)
+			if err != nil {
+				return "", err
+			}
+			start = max(start, pos)
+			if start >= src.size || e <= start {
+				hashZeroBytes(h, src.size-pos)
+				break
+			}
+			hashZeroBytes(h, start-pos)
+			pos, end = start, min(e, src.size)
+			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
+				return "", err
+			}
+		}
+		for pos < end {
+			n := min(int64(len(buf)), end-pos)
+			if _, err := io.ReadFull(r, buf[:n]); err != nil {
+				return "", fmt.Errorf("reading at %d: %w", pos, err)
+			}
+			h.Write(buf[:n])
+			pos += n
+		}
+	}
+	hashZeroBytes(h, (src.size+511)&^511-src.size)
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+var zeros64k = make([]byte, 64<<10)
+
+// hashZeroBytes adds n zero bytes to h.
+func hashZeroBytes(h hash.Hash, n int64) {
+	for n > 0 {
+		k := min(n, int64(len(zeros64k)))
+		h.Write(zeros64k[:k])
+		n -= k
+	}
+}
