@@ -142,6 +142,16 @@ func TestImport(t *testing.T) {
 		if res.code != 0 || !strings.Contains(res.stderr, "verified") {
 			t.Fatalf("import with the right digest: %s", res)
 		}
+		// What snapfs export writes, snapfs import verifies.
+		res = runCLI(t, cliRun{args: []string{"export", "--compress", "zstd", ims["chain"].ref.raw, "s3://imp/exported.qcow2"}, env: env})
+		if res.code != 0 {
+			t.Fatalf("export: %s", res)
+		}
+		exp := filepath.Join(out, "exported.raw")
+		res = runCLI(t, cliRun{args: []string{"--log-level", "info", "import", "s3://imp/exported.qcow2", exp}, env: env})
+		if res.code != 0 || !strings.Contains(res.stderr, "verified") || sha256File(t, exp) != ims["chain"].ref.sha256 {
+			t.Fatalf("import of an exported image: %s", res)
+		}
 		bad := filepath.Join(out, "digest-bad.raw")
 		res = runCLI(t, cliRun{args: []string{"import", "s3://imp/digest-bad.qcow2", bad}, env: env})
 		if res.code == 0 || !strings.Contains(res.stderr, "does not match the image's raw sha256") {
