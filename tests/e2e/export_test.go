@@ -460,8 +460,9 @@ func TestExportAborts(t *testing.T) {
 }
 
 // exportMemBound is the peak RSS an export of a 4 GiB disk may reach: part
-// 1 and three 8 MiB part buffers, the reader/compressor batches, the
-// refcounts (2 bytes per host cluster) and the Go runtime.
+// 1 and five 8 MiB part buffers (four uploading, one filling), the
+// reader/compressor batches, the refcounts (2 bytes per host cluster),
+// the HTTP client and the Go runtime.
 const exportMemBound = 128 << 20
 
 // TestExportMemory exports a sparse 4 GiB disk with 64 MiB of data spread
