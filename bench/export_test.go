@@ -75,26 +75,40 @@ func BenchmarkExport(b *testing.B) {
 		os.Remove(img)
 		return conv, up, fi.Size()
 	}
-	snap := func(mode string) (time.Duration, int64) {
+	// snap runs snapfs export; besides the wall time it returns the
+	// streaming time from the summary, without the server-side copy that
+	// sets the digest metadata.
+	snap := func(mode string) (time.Duration, time.Duration, int64) {
 		key := "snapfs-" + mode + ".qcow2"
-		d := run(m.Env(), snapfs, "export", raw, "s3://bench/"+key, "--compress", mode, "--progress=false")
+		cmd := exec.Command(snapfs, "export", raw, "s3://bench/"+key, "--compress", mode, "--progress=false")
+		cmd.Env = append(os.Environ(), m.Env()...)
+		start := time.Now()
+		out, err := cmd.CombinedOutput()
+		d := time.Since(start)
+		if err != nil {
+			b.Fatalf("snapfs export: %v\n%s", err, out)
+		}
+		var streamed float64
+		if _, rest, ok := strings.Cut(string(out), "streaming "); ok {
+			fmt.Sscanf(rest, "%fs", &streamed)
+		}
 		info, err := cl.StatObject(ctx, "bench", key, minio.StatObjectOptions{})
 		if err != nil {
 			b.Fatal(err)
 		}
 		_ = cl.RemoveObject(ctx, "bench", key, minio.RemoveObjectOptions{})
-		return d, info.Size
+		return d, time.Duration(streamed * float64(time.Second)), info.Size
 	}
 
 	b.ResetTimer()
 	load := loadAvg()
 	tLimit := upload("raw", raw)
-	tSnap, snapSize := snap("none")
+	tSnap, sSnap, snapSize := snap("none")
 	tConv, tUp, qSize := qemuThenUpload()
 	tLimit2 := upload("raw", raw)
 	tLimit = min(tLimit, tLimit2) // the better of two measurements bounds the rest
-	tZlib, zlibSize := snap("zlib")
-	tZstd, zstdSize := snap("zstd")
+	tZlib, sZlib, zlibSize := snap("zlib")
+	tZstd, sZstd, zstdSize := snap("zstd")
 	tConvC, tUpC, qcSize := qemuThenUpload("-c")
 	b.StopTimer()
 
@@ -109,12 +123,17 @@ func BenchmarkExport(b *testing.B) {
 		fmt.Printf("| %s | %.2fs | %d | %.0f | %.2f | %s |\n", name, d.Seconds(), obj>>20, float64(alloc)/d.Seconds()/1e6, xLimit(d), target)
 	}
 	row("snapfs export", tSnap, snapSize, fmt.Sprintf(">= 0.85 x limit: %s", yes(xLimit(tSnap) >= 0.85)))
+	row("snapfs export, streaming only (without the digest metadata copy)", sSnap, snapSize, fmt.Sprintf(">= 0.85 x limit: %s", yes(xLimit(sSnap) >= 0.85)))
 	row(fmt.Sprintf("qemu-img convert -O qcow2 (%.1fs) + upload (%.1fs)", tConv.Seconds(), tUp.Seconds()), tConv+tUp, qSize, "-")
 	cPeer := tConvC + tUpC
 	row(fmt.Sprintf("snapfs export --compress zlib (%.2f x peer time)", tZlib.Seconds()/cPeer.Seconds()), tZlib, zlibSize,
 		fmt.Sprintf("<= 0.25 x peer: %s", yes(tZlib.Seconds() <= 0.25*cPeer.Seconds())))
 	row(fmt.Sprintf("snapfs export --compress zstd (%.2f x peer time)", tZstd.Seconds()/cPeer.Seconds()), tZstd, zstdSize,
 		fmt.Sprintf("<= 0.25 x peer: %s", yes(tZstd.Seconds() <= 0.25*cPeer.Seconds())))
+	row(fmt.Sprintf("snapfs export --compress zlib, streaming only (%.2f x peer time)", sZlib.Seconds()/cPeer.Seconds()), sZlib, zlibSize,
+		fmt.Sprintf("<= 0.25 x peer: %s", yes(sZlib.Seconds() <= 0.25*cPeer.Seconds())))
+	row(fmt.Sprintf("snapfs export --compress zstd, streaming only (%.2f x peer time)", sZstd.Seconds()/cPeer.Seconds()), sZstd, zstdSize,
+		fmt.Sprintf("<= 0.25 x peer: %s", yes(sZstd.Seconds() <= 0.25*cPeer.Seconds())))
 	row(fmt.Sprintf("qemu-img convert -c -O qcow2 (%.1fs) + upload (%.1fs) (compressed peer)", tConvC.Seconds(), tUpC.Seconds()), cPeer, qcSize, "-")
 	b.ReportMetric(xLimit(tSnap), "snapfs/limit")
 	b.ReportMetric(cPeer.Seconds()/min(tZlib, tZstd).Seconds(), "qemu-c/snapfs-c")

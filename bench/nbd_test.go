@@ -141,6 +141,52 @@ func (bn *nbdBench) add(k rkey, o outcome) {
 // SNAPFS_BENCH_BIN=PATH measures that snapfs binary instead of building
 // ./cmd/snapfs.
 func BenchmarkNBD(b *testing.B) {
+	bn, began, load0 := newNBDBench(b)
+	p := bn.p
+	px := bn.proxy
+
+	b.ResetTimer()
+	for round := 0; round < p.rounds*b.N; round++ {
+		for _, lat := range p.latencies {
+			if err := px.setLatency(lat); err != nil {
+				b.Fatal(err)
+			}
+			for _, img := range bn.imgs {
+				t0 := time.Now()
+				bn.cell(img, lat, round)
+				fmt.Printf("round %d, %d ms, %s: %s\n", round+1, lat, img.name, time.Since(t0).Round(time.Second))
+			}
+		}
+	}
+	b.StopTimer()
+	_ = px.setLatency(0)
+
+	table, met, targets := bn.table()
+	header := fmt.Sprintf("BenchmarkNBD (%s mode, %d round(s), fio %s cold / %s warm, snapfs cold --cache-size %d MiB), run took %s, load average %s at the start, %s at the end",
+		p.mode, p.rounds*b.N, p.fioRuntime, p.warmRuntime, p.coldCache>>20, time.Since(began).Round(time.Second), load0, loadAvg())
+	fmt.Printf("\n%s\n\n%s\n%s", header, table, bn.legend())
+	b.ReportMetric(float64(met), "targets-met")
+	b.ReportMetric(float64(targets), "targets")
+	if os.Getenv("SNAPFS_BENCH_WRITE") == "1" {
+		writeResults(b, header, table+"\n"+bn.legend())
+	}
+	stalls := 0
+	for k, s := range bn.res {
+		if k.who == wSnapfs {
+			stalls += s.stalls
+		}
+	}
+	if stalls > 0 {
+		b.Errorf("snapfs stalled in %d runs", stalls)
+	}
+}
+
+// newNBDBench prepares what BenchmarkNBD and BenchmarkFUSE share: the
+// tools (skipping when one is missing), the images, the snapfs binary,
+// MinIO with the images uploaded, the latency proxy in front of it and a
+// minio-go client through the proxy. It returns the start time and load
+// average for the header.
+func newNBDBench(b *testing.B) (bn *nbdBench, began time.Time, load0 string) {
 	for _, tool := range []string{"qemu-img", "qemu-nbd", "nbdcopy", "fio", "mkfs.ext4"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			b.Skipf("%s not installed (qemu-utils, qemu-block-extra, libnbd-bin, fio, e2fsprogs)", tool)
@@ -153,8 +199,8 @@ func BenchmarkNBD(b *testing.B) {
 		fmt.Println("ss (iproute2) is missing: nbdcopy stalls are judged by nbdcopy's progress alone, which moves per 128 MiB")
 	}
 	p := nbdParamsFromEnv()
-	began, load0 := time.Now(), loadAvg()
-	bn := &nbdBench{b: b, p: p, res: map[rkey]*samples{}}
+	began, load0 = time.Now(), loadAvg()
+	bn = &nbdBench{b: b, p: p, res: map[rkey]*samples{}}
 	bn.ps = &procSet{procs: map[*proc]bool{}, dir: b.TempDir()}
 	b.Cleanup(bn.ps.killAll)
 
@@ -201,40 +247,7 @@ func BenchmarkNBD(b *testing.B) {
 	}
 	fmt.Println()
 
-	b.ResetTimer()
-	for round := 0; round < p.rounds*b.N; round++ {
-		for _, lat := range p.latencies {
-			if err := px.setLatency(lat); err != nil {
-				b.Fatal(err)
-			}
-			for _, img := range bn.imgs {
-				t0 := time.Now()
-				bn.cell(img, lat, round)
-				fmt.Printf("round %d, %d ms, %s: %s\n", round+1, lat, img.name, time.Since(t0).Round(time.Second))
-			}
-		}
-	}
-	b.StopTimer()
-	_ = px.setLatency(0)
-
-	table, met, targets := bn.table()
-	header := fmt.Sprintf("BenchmarkNBD (%s mode, %d round(s), fio %s cold / %s warm, snapfs cold --cache-size %d MiB), run took %s, load average %s at the start, %s at the end",
-		p.mode, p.rounds*b.N, p.fioRuntime, p.warmRuntime, p.coldCache>>20, time.Since(began).Round(time.Second), load0, loadAvg())
-	fmt.Printf("\n%s\n\n%s\n%s", header, table, bn.legend())
-	b.ReportMetric(float64(met), "targets-met")
-	b.ReportMetric(float64(targets), "targets")
-	if os.Getenv("SNAPFS_BENCH_WRITE") == "1" {
-		writeResults(b, header, table+"\n"+bn.legend())
-	}
-	stalls := 0
-	for k, s := range bn.res {
-		if k.who == wSnapfs {
-			stalls += s.stalls
-		}
-	}
-	if stalls > 0 {
-		b.Errorf("snapfs stalled in %d runs", stalls)
-	}
+	return bn, began, load0
 }
 
 // cell measures one image at one latency: every test, snapfs and its peer
@@ -281,7 +294,7 @@ func (bn *nbdBench) cell(img *nbdImage, lat, round int) {
 		}
 		pair(func(who string) {
 			bn.withServer(who, false, img, lat, k(test, who), func(s *nbdServer) {
-				bn.add(k(test, who), bn.ps.fioRun(s.uri(), qd, p.fioRuntime))
+				bn.add(k(test, who), bn.ps.fioRun(s.uri(), fioNBD(s.uri()), qd, p.fioRuntime))
 			})
 		})
 	}
@@ -300,7 +313,7 @@ func (bn *nbdBench) cell(img *nbdImage, lat, round int) {
 			if o.err != nil {
 				return
 			}
-			bn.add(k(tWarm32, who), bn.ps.fioRun(s.uri(), 32, p.warmRuntime))
+			bn.add(k(tWarm32, who), bn.ps.fioRun(s.uri(), fioNBD(s.uri()), 32, p.warmRuntime))
 		})
 	})
 }

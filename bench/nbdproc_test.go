@@ -436,28 +436,30 @@ func tcpSent(port string) (n int64, ok bool) {
 	return n, true
 }
 
-// fioRun runs fio's nbd engine: 4 KiB random reads at iodepth qd over the
-// whole export for runtime, and returns the IOPS. fio logs IOPS per second;
+// fioRun runs fio: 4 KiB random reads at iodepth qd over the whole of
+// target for runtime, and returns the IOPS. engine holds fio's options
+// that pick the engine and its target (fioNBD for an NBD export). fio logs IOPS per second;
 // a window of nbdStall with no completed read counts as a stall, and so
 // does fio not finishing within runtime+60s (it is then killed).
-func (ps *procSet) fioRun(uri string, qd int, runtime time.Duration) outcome {
+func (ps *procSet) fioRun(target string, engine []string, qd int, runtime time.Duration) outcome {
 	ps.mu.Lock()
 	ps.n++
 	base := filepath.Join(ps.dir, fmt.Sprintf("%03d-fio", ps.n))
 	ps.mu.Unlock()
-	p, err := ps.start(nil, "fio", "--name=rand", "--ioengine=nbd", "--uri="+uri,
+	args := append([]string{"--name=rand"}, engine...)
+	p, err := ps.start(nil, "fio", append(args,
 		"--rw=randread", "--bs=4k", fmt.Sprintf("--iodepth=%d", qd), "--norandommap",
 		"--time_based", fmt.Sprintf("--runtime=%dms", runtime.Milliseconds()), "--thread",
 		"--output-format=json", "--output="+base+".json",
-		"--write_iops_log="+base, "--log_avg_msec=1000")
+		"--write_iops_log="+base, "--log_avg_msec=1000")...)
 	if err != nil {
 		return outcome{err: err}
 	}
 	if p.wait(runtime + 60*time.Second) {
-		return outcome{stalled: true, err: fmt.Errorf("fio %s QD%d: not done %s after its runtime", uri, qd, 60*time.Second)}
+		return outcome{stalled: true, err: fmt.Errorf("fio %s QD%d: not done %s after its runtime", target, qd, 60*time.Second)}
 	}
 	if p.err != nil {
-		return outcome{err: fmt.Errorf("fio %s QD%d: %v: %s", uri, qd, p.err, p.logTail())}
+		return outcome{err: fmt.Errorf("fio %s QD%d: %v: %s", target, qd, p.err, p.logTail())}
 	}
 	out, err := os.ReadFile(base + ".json")
 	if err != nil {
@@ -478,15 +480,18 @@ func (ps *procSet) fioRun(uri string, qd int, runtime time.Duration) outcome {
 		return outcome{err: fmt.Errorf("fio output: %v", err)}
 	}
 	if res.Jobs[0].Error != 0 {
-		return outcome{err: fmt.Errorf("fio %s QD%d: error %d: %s", uri, qd, res.Jobs[0].Error, p.logTail())}
+		return outcome{err: fmt.Errorf("fio %s QD%d: error %d: %s", target, qd, res.Jobs[0].Error, p.logTail())}
 	}
 	o := outcome{value: res.Jobs[0].Read.IOPS}
 	if gap := fioLongestIdle(base+"_iops.1.log", runtime); gap >= nbdStall {
 		o.stalled = true
-		o.err = fmt.Errorf("fio %s QD%d: no read completed for %s", uri, qd, gap.Round(time.Second))
+		o.err = fmt.Errorf("fio %s QD%d: no read completed for %s", target, qd, gap.Round(time.Second))
 	}
 	return o
 }
+
+// fioNBD is fioRun's engine for the NBD export at uri.
+func fioNBD(uri string) []string { return []string{"--ioengine=nbd", "--uri=" + uri} }
 
 // fioLongestIdle returns the longest span without a completed I/O in an
 // IOPS log written with --log_avg_msec=1000 ("msec, iops, ...").

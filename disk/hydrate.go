@@ -27,6 +27,10 @@ import (
 const (
 	DefaultHydrateChunk   = 8 << 20
 	DefaultHydrateWorkers = 8
+	// demandQuiet is how long after a demand fill hydration keeps to one
+	// read in flight, so that a reader's next misses do not queue behind
+	// Workers large reads.
+	demandQuiet = 250 * time.Millisecond
 	// maxHydrateBackoff caps the wait between attempts while the store fails.
 	maxHydrateBackoff = 15 * time.Second
 )
@@ -64,7 +68,8 @@ type hydrateJob struct{ i, j int64 }
 // unallocated granules are marked present as holes without a fetch), then
 // verifies the volume against RawSHA256 when given and records it
 // complete; from then on the Local serves it without the store. Demand
-// fills go first: a read waits while any is under way. A store error is
+// fills go first: a read waits while any is under way, and for demandQuiet
+// after one only one read is in flight. A store error is
 // retried with backoff until the store answers again (or ctx ends);
 // errors that cannot heal (object changed or gone, corrupt image, the
 // volume's own write errors such as a full disk) end the pass. The state
@@ -118,12 +123,12 @@ func (l *Local) Hydrate(ctx context.Context, opts HydrateOptions) error {
 	errc := make(chan error, workers)
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	for range workers {
+	for w := range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for jb := range work {
-				n, err := l.hydrateJob(wctx, log, opts.Image, jb, lim)
+				n, err := l.hydrateJob(wctx, log, opts.Image, w, jb, lim)
 				if err != nil {
 					errc <- err
 					cancel()
@@ -299,7 +304,7 @@ func (l *Local) installHoles(i, j int64) error {
 
 // hydrateJob copies one read's granules that are still missing and
 // returns the bytes the job covers.
-func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, im Image, jb hydrateJob, lim *limiter) (int64, error) {
+func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, im Image, worker int, jb hydrateJob, lim *limiter) (int64, error) {
 	n := min(jb.j*l.g, l.vol.Size()) - jb.i*l.g
 	// Skip what demand reads or writes brought meanwhile.
 	i := l.vol.NextMissing(jb.i)
@@ -311,7 +316,7 @@ func (l *Local) hydrateJob(ctx context.Context, log *slog.Logger, im Image, jb h
 		j--
 	}
 	err := l.retry(ctx, log, "hydrate", func() error {
-		for l.demand.Load() > 0 {
+		for l.demand.Load() > 0 || (worker > 0 && time.Since(time.Unix(0, l.lastDemand.Load())) < demandQuiet) {
 			select {
 			case <-ctx.Done():
 				return ctx.Err()

@@ -12,6 +12,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/snapfs/snapfs/cache"
 )
@@ -35,10 +36,13 @@ type Local struct {
 	writable bool
 
 	locks  [lockStripes]sync.Mutex
-	bufs   sync.Pool // of *[]byte: hydration's read buffers
+	bufs   sync.Pool    // of *[]byte: hydration's read buffers
 	demand atomic.Int32 // demand fills under way; hydration yields to them
-	local  atomic.Bool  // complete: no store access any more
-	closed atomic.Bool
+	// lastDemand is when the last demand fill ended (UnixNano): while
+	// demand is recent, hydration keeps one read in flight, not Workers.
+	lastDemand atomic.Int64
+	local      atomic.Bool // complete: no store access any more
+	closed     atomic.Bool
 }
 
 var _ Device = (*Local)(nil)
@@ -128,8 +132,8 @@ func (l *Local) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 // demandFill fills the granules [i, j) for a reader, and copies into p (at
 // guest offset off) what overlaps it.
 func (l *Local) demandFill(ctx context.Context, i, j int64, p []byte, off int64) error {
-	l.demand.Add(1)
-	defer l.demand.Add(-1)
+	l.demandStart()
+	defer l.demandEnd()
 	buf, lo, err := l.fetch(ctx, i, j)
 	if err != nil {
 		return err
@@ -139,6 +143,13 @@ func (l *Local) demandFill(ctx context.Context, i, j int64, p []byte, off int64)
 	}
 	overlapCopy(p, off, buf, lo)
 	return nil
+}
+
+func (l *Local) demandStart() { l.demand.Add(1) }
+
+func (l *Local) demandEnd() {
+	l.lastDemand.Store(time.Now().UnixNano())
+	l.demand.Add(-1)
 }
 
 // fetch reads granules [i, j) from the image (zeros past its end).
@@ -238,9 +249,9 @@ func (l *Local) modify(ctx context.Context, off, n int64, op func(s, e int64) er
 
 func (l *Local) modifyLocked(ctx context.Context, k, gs, ge, s, e int64, op func(s, e int64) error) error {
 	if !l.vol.Present(k) && (s > gs || e < ge) {
-		l.demand.Add(1)
+		l.demandStart()
 		buf, lo, err := l.fetch(ctx, k, k+1)
-		l.demand.Add(-1)
+		l.demandEnd()
 		if err != nil {
 			return err
 		}
@@ -366,12 +377,12 @@ func (l *Local) Prefetch(ctx context.Context, off, n int64) error {
 			break
 		}
 		j := min(l.vol.NextPresent(i), end, i+step)
-		l.demand.Add(1)
+		l.demandStart()
 		buf, lo, err := l.fetch(ctx, i, j)
 		if err == nil {
 			err = l.install(i, j, buf, lo, false)
 		}
-		l.demand.Add(-1)
+		l.demandEnd()
 		if err != nil {
 			return err
 		}

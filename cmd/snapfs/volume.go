@@ -14,10 +14,6 @@ import (
 	"github.com/snapfs/snapfs/qcow2"
 )
 
-// rawSHA256Key is the user metadata key holding the lower-case hex sha256
-// of an image's whole raw content (written by snapfs export).
-const rawSHA256Key = "snapfs-raw-sha256"
-
 // volumeFlags are the flags of a local volume (import, serve --volume,
 // mount --volume).
 func volumeFlags() []cli.Flag {
@@ -96,6 +92,6 @@ func (sharedDevice) Close() error { return nil }
 // hydrate runs the background pass of v with the import flags.
 func (v *localVolume) hydrate(ctx context.Context, opts disk.HydrateOptions) error {
 	opts.Image = v.im
-	opts.RawSHA256 = v.info.Metadata[rawSHA256Key]
+	opts.RawSHA256 = v.info.Metadata[metaRawSHA256] // written by snapfs export
 	return v.dev.Hydrate(ctx, opts)
 }

@@ -142,6 +142,16 @@ func TestImport(t *testing.T) {
 		if res.code != 0 || !strings.Contains(res.stderr, "verified") {
 			t.Fatalf("import with the right digest: %s", res)
 		}
+		// What snapfs export writes, snapfs import verifies.
+		res = runCLI(t, cliRun{args: []string{"export", "--compress", "zstd", ims["chain"].ref.raw, "s3://imp/exported.qcow2"}, env: env})
+		if res.code != 0 {
+			t.Fatalf("export: %s", res)
+		}
+		exp := filepath.Join(out, "exported.raw")
+		res = runCLI(t, cliRun{args: []string{"--log-level", "info", "import", "s3://imp/exported.qcow2", exp}, env: env})
+		if res.code != 0 || !strings.Contains(res.stderr, "verified") || sha256File(t, exp) != ims["chain"].ref.sha256 {
+			t.Fatalf("import of an exported image: %s", res)
+		}
 		bad := filepath.Join(out, "digest-bad.raw")
 		res = runCLI(t, cliRun{args: []string{"import", "s3://imp/digest-bad.qcow2", bad}, env: env})
 		if res.code == 0 || !strings.Contains(res.stderr, "does not match the image's raw sha256") {
@@ -184,6 +194,49 @@ func TestImport(t *testing.T) {
 		want, _ := os.ReadFile(ims["zstd-64k"].ref.raw)
 		if len(b) != 40<<20 || !bytes.Equal(b[:len(want)], want) || !allZero(b[len(want):]) {
 			t.Error("a larger target is not the image followed by zeros")
+		}
+	})
+
+	// A block device (a loop device over a file full of 0xff): holes are
+	// written as zeros, and a device smaller than the image is refused.
+	t.Run("blockdev", func(t *testing.T) {
+		loop := func(size int64) string {
+			f := filepath.Join(t.TempDir(), "dev.img")
+			if err := os.WriteFile(f, bytes.Repeat([]byte{0xff}, int(size)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			out, err := exec.Command("losetup", "-f", "--show", f).CombinedOutput()
+			if err != nil {
+				t.Skipf("no loop device: %v %s", err, out)
+			}
+			dev := strings.TrimSpace(string(out))
+			t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+			return dev
+		}
+		im := ims["zstd-64k"] // 24 MiB
+		small := loop(16 << 20)
+		res := runCLI(t, cliRun{args: []string{"import", "--state", filepath.Join(t.TempDir(), "s"), im.url, small}, env: env})
+		if res.code == 0 || !strings.Contains(res.stderr, "smaller than the") {
+			t.Fatalf("import into a smaller device: %s", res)
+		}
+		dev := loop(30 << 20)
+		state := filepath.Join(t.TempDir(), "dev.state")
+		res = runCLI(t, cliRun{args: []string{"import", "--state", state, im.url, dev}, env: env})
+		if res.code != 0 {
+			t.Fatalf("import into %s: %s", dev, res)
+		}
+		got := make([]byte, im.ref.size)
+		f, err := os.Open(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := io.ReadFull(f, got); err != nil {
+			t.Fatal(err)
+		}
+		want, _ := os.ReadFile(im.ref.raw)
+		if d := firstDiff(got, want); d != "" {
+			t.Fatalf("the device differs from qemu-img convert: %s", d)
 		}
 	})
 
@@ -461,6 +514,89 @@ func TestImportServe(t *testing.T) {
 		m.Stop()
 		defer m.Start(t)
 		check("complete, MinIO stopped")
+	})
+
+	// serve --volume: pure copy-on-read, no background pass; read-only
+	// unless --writable.
+	t.Run("serve-volume", func(t *testing.T) {
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "cor.qcow2", 14)
+		target := filepath.Join(t.TempDir(), "cor.raw")
+		p := startServe(t, m.Env(), "--volume", target, "--listen", "127.0.0.1:0", im.url)
+		uri := p.uri("cor.qcow2")
+		got, res := qemuIOReads(t, uri, []qemuIORead{{off: 5 << 20, n: 4096}})
+		if got[0] == nil || !bytes.Equal(got[0], want[5<<20:5<<20+4096]) {
+			t.Fatalf("read through serve --volume: %s", res)
+		}
+		if r := runTool(t, time.Minute, "qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", uri); r.code == 0 && !strings.Contains(string(r.stdout)+r.stderr, "failed") {
+			t.Fatalf("a write to a read-only --volume export worked: %s", r)
+		}
+		time.Sleep(2 * time.Second) // two flush intervals
+		st, code := volumeStatus(t, target)
+		pb, _ := st["present_bytes"].(float64)
+		if code != 3 || pb < 64<<10 || pb >= 32<<20 {
+			t.Fatalf("after one read, status exit %d, %v: want some bytes local and no background copy", code, st)
+		}
+		out := filepath.Join(t.TempDir(), "out.raw")
+		mustTool(t, time.Minute, "nbdcopy", uri, out)
+		if b, _ := os.ReadFile(out); !bytes.Equal(b, want) {
+			t.Fatalf("serve --volume content differs: %s", firstDiff(b, want))
+		}
+		p.signal(t, syscall.SIGTERM, 15*time.Second)
+		if b, _ := os.ReadFile(target); !bytes.Equal(b, want) {
+			t.Fatal("after a full read the volume differs from the image")
+		}
+		if st, _ := volumeStatus(t, target); st["present_bytes"] != float64(32<<20) {
+			t.Fatalf("after a full read and exit: %v", st)
+		}
+	})
+
+	// mount --volume --writable: copy-on-read through FUSE, writes kept.
+	t.Run("mount-volume", func(t *testing.T) {
+		fuseNeed(t)
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "mvol.qcow2", 15)
+		target := filepath.Join(t.TempDir(), "mvol.raw")
+		mnt := t.TempDir()
+		p := fuseMount(t, m.Env(), mnt, "mount", "--volume", target, "--writable", im.url, mnt)
+		file := filepath.Join(mnt, "mvol.raw")
+		fuseDeadline(t, time.Minute, "write and read of the mounted volume", func() {
+			f, err := os.OpenFile(file, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if _, err := f.WriteAt(bytes.Repeat([]byte{0x3c}, 3000), 7<<20+5); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			for i := 7<<20 + 5; i < 7<<20+3005; i++ {
+				want[i] = 0x3c
+			}
+			got := make([]byte, len(want))
+			if _, err := f.ReadAt(got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if d := firstDiff(got, want); d != "" {
+				t.Fatalf("mount --volume content differs from image + write: %s", d)
+			}
+		})
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if code := p.wait(t, 20*time.Second); code != 0 {
+			t.Errorf("mount --volume exits %d on SIGTERM:\n%s", code, p.stderr)
+		}
+		if got, _ := os.ReadFile(target); !bytes.Equal(got, want) {
+			t.Fatalf("the volume differs from image + write: %s", firstDiff(got, want))
+		}
+		if st, code := volumeStatus(t, target); code != 3 || st["modified"] != true {
+			t.Errorf("status after mount --volume: exit %d, %v (want not complete: no background pass; modified)", code, st)
+		}
 	})
 
 	t.Run("minio-stopped", func(t *testing.T) {
