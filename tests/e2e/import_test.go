@@ -514,6 +514,13 @@ func TestImportServe(t *testing.T) {
 		m.Stop()
 		defer m.Start(t)
 		check("complete, MinIO stopped")
+		// A later serve --volume of the complete volume needs MinIO no more.
+		if code := p.signal(t, syscall.SIGTERM, 15*time.Second); code != 0 {
+			t.Fatalf("import --serve exits %d on SIGTERM:\n%s", code, p.stderr)
+		}
+		p = startServe(t, m.Env(), "--retries", "1", "--volume", target, "--listen", "127.0.0.1:0", im.url)
+		uri = p.uri("nbdw.qcow2")
+		check("serve --volume of the complete volume, MinIO stopped")
 	})
 
 	// serve --volume: pure copy-on-read, no background pass; read-only
