@@ -331,13 +331,30 @@ func (s *S3Store) AbortMultipart(ctx context.Context, key, uploadID string) erro
 	return nil
 }
 
-// ReplaceMetadata copies key onto itself with meta (a multipart copy when
-// the object is over 5 GiB), if its ETag is still etag.
+// copyPartSize is the part size of the multipart copy ReplaceMetadata
+// uses for objects larger than it: a single CopyObject of a large object
+// answers only when the whole copy is done, past the transport's
+// response-header timeout.
+var copyPartSize int64 = 256 << 20
+
+// ReplaceMetadata copies key onto itself with meta, if its ETag is still
+// etag: one CopyObject up to copyPartSize, a multipart copy of
+// copyPartSize parts beyond (aborted if it fails).
 func (s *S3Store) ReplaceMetadata(ctx context.Context, key, etag string, meta map[string]string) error {
-	_, err := s.core.Client.ComposeObject(ctx,
-		minio.CopyDestOptions{Bucket: s.bucket, Object: key, UserMetadata: meta, ReplaceMetadata: true},
-		minio.CopySrcOptions{Bucket: s.bucket, Object: key, MatchETag: etag})
+	info, err := s.Stat(ctx, key)
 	if err != nil {
+		return err
+	}
+	if etag != "" && info.ETag != etag {
+		return newError("replace-metadata", s.URL(key), 0, ErrChanged)
+	}
+	src := minio.CopySrcOptions{Bucket: s.bucket, Object: key, MatchETag: info.ETag}
+	dst := minio.CopyDestOptions{Bucket: s.bucket, Object: key, UserMetadata: meta, ReplaceMetadata: true}
+	if info.Size > copyPartSize {
+		src.MatchRange, src.Start, src.End = true, 0, info.Size-1
+		dst.PartSize = uint64(copyPartSize)
+	}
+	if _, err := s.core.Client.ComposeObject(ctx, dst, src); err != nil {
 		return s.s3Error("replace-metadata", key, err)
 	}
 	return nil

@@ -9,7 +9,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/minio/minio-go/v7"
+
 	"github.com/snapfs/snapfs/objstore"
+	"github.com/snapfs/snapfs/tests/harness"
 )
 
 // uploadsLeft lists the multipart uploads a file store still holds.
@@ -168,5 +171,59 @@ func TestPartSizeFor(t *testing.T) {
 		if c.size > 0 && (c.size+got-1)/got > objstore.MaxPartCount-1 {
 			t.Errorf("PartSizeFor(%d): %d parts", c.size, (c.size+got-1)/got)
 		}
+	}
+}
+
+// TestS3UploadAndReplaceMetadata streams an object into MinIO with part 1
+// last, then replaces its metadata by a multipart copy onto itself.
+func TestS3UploadAndReplaceMetadata(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a MinIO server")
+	}
+	ctx := context.Background()
+	m := harness.StartMinIO(t)
+	m.MakeBucket(t, "uploads")
+	st := s3Store(t, m, "uploads")
+	head, body := pattern(objstore.MinPartSize, 7), pattern(7<<20+5, 8)
+	u, err := objstore.NewUpload(ctx, st, "vm.qcow2", objstore.UploadOptions{PartSize: objstore.MinPartSize, Meta: map[string]string{"snapfs-source": "x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.Write(body); err != nil {
+		t.Fatal(err)
+	}
+	if err := u.WriteHead(head); err != nil {
+		t.Fatal(err)
+	}
+	want := append(append([]byte(nil), head...), body...)
+	check := func(what string) objstore.ObjectInfo {
+		info, err := st.Stat(ctx, "vm.qcow2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(want)+1)
+		n, _ := st.ReadAt(ctx, "vm.qcow2", got, 0, objstore.ReadOptions{})
+		if !bytes.Equal(got[:n], want) {
+			t.Fatalf("%s: object content differs (%d bytes)", what, n)
+		}
+		return info
+	}
+	info := check("after the upload")
+	defer objstore.SetCopyPartSize(8 << 20)() // two even copy parts of about 6 MiB
+	mr := st.(objstore.MetadataReplacer)
+	if err := mr.ReplaceMetadata(ctx, "vm.qcow2", "stale", map[string]string{"a": "b"}); !errors.Is(err, objstore.ErrChanged) {
+		t.Errorf("stale ETag: %v", err)
+	}
+	if err := mr.ReplaceMetadata(ctx, "vm.qcow2", info.ETag, map[string]string{"snapfs-source": "x", "snapfs-raw-sha256": "cd"}); err != nil {
+		t.Fatal(err)
+	}
+	info = check("after the metadata copy")
+	if info.Metadata["snapfs-raw-sha256"] != "cd" || info.Metadata["snapfs-source"] != "x" {
+		t.Errorf("metadata %v", info.Metadata)
+	}
+	core := minio.Core{Client: m.Client(t)}
+	res, err := core.ListMultipartUploads(ctx, "uploads", "", "", "", "", 100)
+	if err != nil || len(res.Uploads) != 0 {
+		t.Errorf("multipart uploads left: %v (%v)", res.Uploads, err)
 	}
 }

@@ -449,6 +449,24 @@ func parseCompression(name string, version uint32) (int, error) {
 	return 0, fmt.Errorf("qcow2: compression %q is none of none, zlib, zstd", name)
 }
 
+// Validate reports whether opts can write an image of a size-byte source
+// (cluster size, compat, compression, QEMU's metadata size limits), so a
+// caller can refuse bad options before it sets up a sink.
+func (opts StreamOptions) Validate(size int64) error {
+	p, err := opts.params()
+	if err != nil {
+		return err
+	}
+	if _, err := parseCompression(opts.Compression, p.version); err != nil {
+		return err
+	}
+	if size < 0 || size > (1<<62) {
+		return fmt.Errorf("qcow2: source size %d out of range", size)
+	}
+	_, err = newImageLayout(p, ceilDiv(size, wrSectorSize)*wrSectorSize, nil)
+	return err
+}
+
 // WriteStream writes a QCOW2 image of the size bytes read from src into
 // sink, in one pass: clusters that read as all zeros (and holes, when src
 // is a HoleSeeker) stay unallocated, the others go out in guest order,

@@ -354,6 +354,9 @@ func TestWriteStreamErrors(t *testing.T) {
 		{StreamOptions{WriteOptions: WriteOptions{ClusterSize: 1000}}, "cluster size"},
 		{StreamOptions{WriteOptions: WriteOptions{ClusterSize: 4 << 20}}, "cluster size"},
 	} {
+		if err := c.opts.Validate(0); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: Validate: %v, want an error about %q", c.opts, err, c.want)
+		}
 		sink := &memSink{t: t}
 		_, err := WriteStream(ctx, sink, bytes.NewReader(nil), 0, c.opts)
 		if err == nil || !strings.Contains(err.Error(), c.want) {

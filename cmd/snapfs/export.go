@@ -124,6 +124,9 @@ func runExport(c *cli.Context) error {
 		return err
 	}
 	defer src.Close()
+	if err := opts.Validate(src.size); err != nil {
+		return cli.Exit(fmt.Sprintf("export of %s: %v", src.name, err), 2)
+	}
 	vsize := (src.size + 511) &^ 511
 	if srcPath == "-" {
 		meta[metaSource] = "stdin"

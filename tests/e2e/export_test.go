@@ -282,6 +282,30 @@ func TestExport(t *testing.T) {
 		}
 	})
 
+	// Bad options are refused before an upload starts.
+	t.Run("bad-options", func(t *testing.T) {
+		dir := t.TempDir()
+		raw := filepath.Join(dir, "r.raw")
+		if err := os.WriteFile(raw, make([]byte, 4096), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range [][]string{
+			{"--compress", "lz4", "compression"},
+			{"--cluster-size", "3k", "cluster size"},
+			{"--compress", "zstd", "--compat", "0.10", "zstd"},
+			{"--meta", "no equals", "KEY=VALUE"},
+		} {
+			args := append([]string{"export", raw, "s3://" + bucket + "/bad.qcow2"}, c[:len(c)-1]...)
+			res := runCLI(t, cliRun{args: args, env: env})
+			if res.code != 2 || !strings.Contains(res.stderr, c[len(c)-1]) {
+				t.Errorf("%v: want exit 2 about %q:\n%s", c, c[len(c)-1], res)
+			}
+		}
+		if left := multipartLeft(t, client, bucket); len(left) != 0 {
+			t.Errorf("uploads started: %v", left)
+		}
+	})
+
 	// stdin needs --size; a file:// target is written whole.
 	t.Run("stdin-file-target", func(t *testing.T) {
 		dir := t.TempDir()
@@ -531,4 +555,44 @@ func TestExportFromFUSE(t *testing.T) {
 		t.Fatal(err)
 	}
 	judgeExport(t, img, raw, s.size, 3, "zlib")
+}
+
+// TestExportBlockDevice exports a loop device (a block device: its size
+// from SEEK_END) and compares the object with the file behind it. It is
+// skipped where loop devices cannot be set up.
+func TestExportBlockDevice(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("no losetup")
+	}
+	const M = 1 << 20
+	dir := t.TempDir()
+	s := exShape{name: "blockdev", size: 24 * M, ranges: [][2]int64{{M, 3 * M}, {20 * M, 24 * M}}}
+	raw, rawSum := s.makeRaw(t, dir)
+	out, err := exec.Command("losetup", "--find", "--show", "--read-only", raw).CombinedOutput()
+	if err != nil {
+		t.Skipf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	if fi, err := os.Stat(dev); err != nil || fi.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("%s is not a device: %v", dev, err)
+	}
+	bucket := filepath.Join(dir, "bucket")
+	if err := os.Mkdir(bucket, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(bucket, "dev.qcow2")
+	res := runCLI(t, cliRun{args: []string{"export", dev, fileURL(target), "--cluster-size", "4k"}})
+	if res.code != 0 {
+		t.Fatalf("export of %s: %s", dev, res)
+	}
+	if sum := exportSummary(t, res.stdout); sum["raw sha256"] != rawSum {
+		t.Errorf("raw sha256 %q, want %q", sum["raw sha256"], rawSum)
+	}
+	judgeExport(t, target, raw, s.size, 3, "zlib")
+	d := runCLI(t, cliRun{args: []string{"digest", dev}})
+	if d.code != 0 || !strings.HasPrefix(string(d.stdout), rawSum+" ") {
+		t.Errorf("digest of the device: %s", d)
+	}
 }
