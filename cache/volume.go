@@ -300,6 +300,9 @@ func (v *Volume) StatePath() string { return v.statePath }
 // Size returns the target size in bytes (at least the virtual size).
 func (v *Volume) Size() int64 { return v.size }
 
+// VirtualSize returns the virtual size of the image the volume copies.
+func (v *Volume) VirtualSize() int64 { return v.src.VirtualSize }
+
 // Granularity returns the bytes one bit covers.
 func (v *Volume) Granularity() int64 { return v.src.Granularity }
 

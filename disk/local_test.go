@@ -270,6 +270,9 @@ func TestLocalDigestMismatch(t *testing.T) {
 	if l.Volume().Complete() || l.IsLocal() {
 		t.Fatal("recorded complete despite the mismatch")
 	}
+	if _, err := NewLocal(nil, l.Volume(), false); err == nil {
+		t.Fatal("an incomplete volume served without its image")
+	}
 }
 
 // A fill fetched before a client wrote its granule (the race of a
