@@ -53,6 +53,7 @@ package qcow2
 // 2 bytes of refcount per host cluster written: never the data itself.
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -104,7 +105,16 @@ type StreamOptions struct {
 	// Progress, when set, is called from the writing goroutine with the
 	// source bytes consumed and the image bytes produced so far.
 	Progress func(read, written int64)
+	// ExpectSHA256, when set, is the SHA-256 the raw content must have
+	// (the source hashed before): if it differs, WriteStream fails with
+	// ErrSourceChanged before the sink receives the head, so the image is
+	// never completed.
+	ExpectSHA256 []byte
 }
+
+// ErrSourceChanged is returned by WriteStream when the raw content does not
+// hash to StreamOptions.ExpectSHA256.
+var ErrSourceChanged = errors.New("qcow2: the source changed while it was read")
 
 // StreamStats describe an image written by WriteStream.
 type StreamStats struct {
@@ -629,6 +639,9 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 		return st, err
 	}
 	h.Sum(st.RawSHA256[:0])
+	if want := opts.ExpectSHA256; want != nil && !bytes.Equal(want, st.RawSHA256[:]) {
+		return st, fmt.Errorf("%w: its raw content hashes to %x now, %x before", ErrSourceChanged, st.RawSHA256, want)
+	}
 	if err := s.finish(vsize, ctype); err != nil {
 		return st, err
 	}
