@@ -65,6 +65,8 @@ import (
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/snapfs/snapfs/internal/zeros"
 )
 
 // StreamSink receives the image WriteStream produces.
@@ -567,7 +569,7 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 				for i := range b.kind {
 					c := b.data[int64(i)*cs : int64(i+1)*cs]
 					switch {
-					case isZeroBytes(c):
+					case zeros.Is(c):
 						b.kind[i] = -1
 					case comp != nil:
 						n, ok := comp(b.comp[int64(i)*cs:int64(i+1)*cs:int64(i+1)*cs], c)
@@ -649,18 +651,6 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 	return st, nil
 }
 
-// zeroBlock is hashed for holes and the tail past the source size.
-var zeroBlock = make([]byte, 64<<10)
-
-// hashZeros adds n zero bytes to h.
-func hashZeros(h io.Writer, n int64) {
-	for n > 0 {
-		k := min(n, int64(len(zeroBlock)))
-		h.Write(zeroBlock[:k])
-		n -= k
-	}
-}
-
 // readStream reads the source into batches, skipping holes when src is a
 // HoleSeeker, and hashes the raw content (vsize bytes) into h.
 func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes int64, h io.Writer,
@@ -676,12 +666,12 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			}
 			start = max(pos, start/cs*cs)
 			if start >= size || end <= start {
-				hashZeros(h, size-pos)
+				zeros.Write(h, size-pos)
 				break
 			}
 			limit = min(size, ceilDiv(end, cs)*cs)
 			if start > pos {
-				hashZeros(h, start-pos)
+				zeros.Write(h, start-pos)
 				pos = start
 			}
 			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
@@ -722,22 +712,6 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			return fmt.Errorf("qcow2: the source has more than its size of %d bytes", size)
 		}
 	}
-	hashZeros(h, vsize-size)
+	zeros.Write(h, vsize-size)
 	return nil
-}
-
-// isZeroBytes reports whether p is all zeros.
-func isZeroBytes(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.NativeEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
