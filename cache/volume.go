@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/snapfs/snapfs/internal/zeros"
 )
 
 // VolumeVersion is the format version of the state file.
@@ -300,6 +302,9 @@ func (v *Volume) StatePath() string { return v.statePath }
 // Size returns the target size in bytes (at least the virtual size).
 func (v *Volume) Size() int64 { return v.size }
 
+// VirtualSize returns the virtual size of the image the volume copies.
+func (v *Volume) VirtualSize() int64 { return v.src.VirtualSize }
+
 // Granularity returns the bytes one bit covers.
 func (v *Volume) Granularity() int64 { return v.src.Granularity }
 
@@ -470,10 +475,10 @@ func (v *Volume) WriteData(p []byte, off int64) error {
 	}
 	for len(p) > 0 {
 		n := min(len(p), zeroBlock-int(off%zeroBlock))
-		zero := isZero(p[:n]) && n == zeroBlock
+		zero := zeros.Is(p[:n]) && n == zeroBlock
 		for n < len(p) {
 			m := min(len(p)-n, zeroBlock)
-			if (m == zeroBlock && isZero(p[n:n+m])) != zero {
+			if (m == zeroBlock && zeros.Is(p[n:n+m])) != zero {
 				break
 			}
 			n += m
@@ -747,19 +752,4 @@ func (st *stateFile) matches(src VolumeSource, path string) error {
 		msg += "; " + d
 	}
 	return fmt.Errorf("%w: %s was made with %s; refusing to mix versions (remove it and the target to start over)", ErrVolumeMismatch, path, msg)
-}
-
-func isZero(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.LittleEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -48,12 +48,18 @@ type Local struct {
 var _ Device = (*Local)(nil)
 
 // NewLocal serves d through vol. The volume must have been opened for d's
-// image (same virtual size). Local owns both: Close closes them.
+// image (same virtual size). Local owns both: Close closes them. A
+// complete volume may be served with d nil: the store is then never used.
 func NewLocal(d *Disk, vol *cache.Volume, writable bool) (*Local, error) {
-	if vol.Size() < d.Size() {
+	vsize := vol.VirtualSize()
+	if d == nil {
+		if !vol.Complete() {
+			return nil, fmt.Errorf("disk: volume %s is not complete: it needs its image", vol.Target())
+		}
+	} else if vsize = d.Size(); vol.Size() < vsize {
 		return nil, fmt.Errorf("disk: volume %s of %d bytes for a %d-byte image", vol.Target(), vol.Size(), d.Size())
 	}
-	l := &Local{d: d, vol: vol, vsize: d.Size(), g: vol.Granularity(), writable: writable}
+	l := &Local{d: d, vol: vol, vsize: vsize, g: vol.Granularity(), writable: writable}
 	l.bufs.New = func() any { return new([]byte) }
 	l.local.Store(vol.Complete())
 	return l, nil
@@ -62,7 +68,8 @@ func NewLocal(d *Disk, vol *cache.Volume, writable bool) (*Local, error) {
 // Volume returns the local volume.
 func (l *Local) Volume() *cache.Volume { return l.vol }
 
-// Disk returns the lazy device that fills the volume.
+// Disk returns the lazy device that fills the volume (nil for a complete
+// volume served alone).
 func (l *Local) Disk() *Disk { return l.d }
 
 // Size returns the volume size (at least the image's virtual size; the
@@ -396,7 +403,10 @@ func (l *Local) Close() error {
 	if l.closed.Swap(true) {
 		return nil
 	}
-	err := l.d.Close()
+	var err error
+	if l.d != nil {
+		err = l.d.Close()
+	}
 	if verr := l.vol.Close(); verr != nil && !errors.Is(verr, os.ErrClosed) {
 		err = verr
 	}

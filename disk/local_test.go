@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/internal/zeros"
 )
 
 // openLocal serves img through a Local over a new (or existing) volume
@@ -103,7 +104,7 @@ func TestLocalCopyOnReadAndHydrate(t *testing.T) {
 		// Sparse where the image is: at most the non-zero 4 KiB blocks of the raw disk.
 		var nz int64
 		for off := 0; off < len(img.raw); off += 4096 {
-			if !isZeroBytes(img.raw[off:min(off+4096, len(img.raw))]) {
+			if !zeros.Is(img.raw[off:min(off+4096, len(img.raw))]) {
 				nz += 4096
 			}
 		}
@@ -119,15 +120,6 @@ func TestLocalCopyOnReadAndHydrate(t *testing.T) {
 			t.Fatalf("extents of a complete volume touched the store: %v", err)
 		}
 	}
-}
-
-func isZeroBytes(p []byte) bool {
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // Writes during hydration survive it: partial granules are filled from the
@@ -269,6 +261,9 @@ func TestLocalDigestMismatch(t *testing.T) {
 	}
 	if l.Volume().Complete() || l.IsLocal() {
 		t.Fatal("recorded complete despite the mismatch")
+	}
+	if _, err := NewLocal(nil, l.Volume(), false); err == nil {
+		t.Fatal("an incomplete volume served without its image")
 	}
 }
 

@@ -53,6 +53,7 @@ package qcow2
 // 2 bytes of refcount per host cluster written: never the data itself.
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -64,6 +65,8 @@ import (
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/snapfs/snapfs/internal/zeros"
 )
 
 // StreamSink receives the image WriteStream produces.
@@ -104,7 +107,16 @@ type StreamOptions struct {
 	// Progress, when set, is called from the writing goroutine with the
 	// source bytes consumed and the image bytes produced so far.
 	Progress func(read, written int64)
+	// ExpectSHA256, when set, is the SHA-256 the raw content must have
+	// (the source hashed before): if it differs, WriteStream fails with
+	// ErrSourceChanged before the sink receives the head, so the image is
+	// never completed.
+	ExpectSHA256 []byte
 }
+
+// ErrSourceChanged is returned by WriteStream when the raw content does not
+// hash to StreamOptions.ExpectSHA256.
+var ErrSourceChanged = errors.New("qcow2: the source changed while it was read")
 
 // StreamStats describe an image written by WriteStream.
 type StreamStats struct {
@@ -557,7 +569,7 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 				for i := range b.kind {
 					c := b.data[int64(i)*cs : int64(i+1)*cs]
 					switch {
-					case isZeroBytes(c):
+					case zeros.Is(c):
 						b.kind[i] = -1
 					case comp != nil:
 						n, ok := comp(b.comp[int64(i)*cs:int64(i+1)*cs:int64(i+1)*cs], c)
@@ -629,23 +641,14 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 		return st, err
 	}
 	h.Sum(st.RawSHA256[:0])
+	if want := opts.ExpectSHA256; want != nil && !bytes.Equal(want, st.RawSHA256[:]) {
+		return st, fmt.Errorf("%w: its raw content hashes to %x now, %x before", ErrSourceChanged, st.RawSHA256, want)
+	}
 	if err := s.finish(vsize, ctype); err != nil {
 		return st, err
 	}
 	st.ImageSize = s.off
 	return st, nil
-}
-
-// zeroBlock is hashed for holes and the tail past the source size.
-var zeroBlock = make([]byte, 64<<10)
-
-// hashZeros adds n zero bytes to h.
-func hashZeros(h io.Writer, n int64) {
-	for n > 0 {
-		k := min(n, int64(len(zeroBlock)))
-		h.Write(zeroBlock[:k])
-		n -= k
-	}
 }
 
 // readStream reads the source into batches, skipping holes when src is a
@@ -663,12 +666,12 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			}
 			start = max(pos, start/cs*cs)
 			if start >= size || end <= start {
-				hashZeros(h, size-pos)
+				zeros.Write(h, size-pos)
 				break
 			}
 			limit = min(size, ceilDiv(end, cs)*cs)
 			if start > pos {
-				hashZeros(h, start-pos)
+				zeros.Write(h, start-pos)
 				pos = start
 			}
 			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
@@ -709,22 +712,6 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			return fmt.Errorf("qcow2: the source has more than its size of %d bytes", size)
 		}
 	}
-	hashZeros(h, vsize-size)
+	zeros.Write(h, vsize-size)
 	return nil
-}
-
-// isZeroBytes reports whether p is all zeros.
-func isZeroBytes(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.NativeEndian.Uint64(p) != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

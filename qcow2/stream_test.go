@@ -381,6 +381,21 @@ func TestWriteStreamErrors(t *testing.T) {
 		t.Errorf("long source: %v (head calls %d)", err, sink.headCalls)
 	}
 
+	// A source that is not what was hashed before (changed since): no
+	// head, so the image is never completed; the right hash completes it.
+	data := bytes.Repeat([]byte{7}, 1<<20)
+	right := sha256.Sum256(data)
+	wrong := sha256.Sum256(data[1:])
+	sink = &memSink{t: t}
+	_, err = WriteStream(ctx, sink, bytes.NewReader(data), 1<<20, StreamOptions{ExpectSHA256: wrong[:]})
+	if !errors.Is(err, ErrSourceChanged) || sink.headCalls != 0 {
+		t.Errorf("changed source: %v (head calls %d)", err, sink.headCalls)
+	}
+	sink = &memSink{t: t}
+	if st, err := WriteStream(ctx, sink, bytes.NewReader(data), 1<<20, StreamOptions{ExpectSHA256: right[:]}); err != nil || sink.headCalls != 1 || st.RawSHA256 != right {
+		t.Errorf("unchanged source: %v (head calls %d)", err, sink.headCalls)
+	}
+
 	// A failing source.
 	sink = &memSink{t: t}
 	boom := errors.New("device gone")

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/term"
 
+	"github.com/snapfs/snapfs/internal/zeros"
 	"github.com/snapfs/snapfs/qcow2"
 )
 
@@ -159,11 +160,11 @@ const sparseBlock = 4096
 func writeSparse(f *os.File, p []byte, off int64) error {
 	for len(p) > 0 {
 		n := min(len(p), sparseBlock-int(off%sparseBlock))
-		if !isZero(p[:n]) {
+		if !zeros.Is(p[:n]) {
 			// Extend the run over following non-zero blocks: fewer syscalls.
 			for n < len(p) {
 				m := min(len(p)-n, sparseBlock)
-				if isZero(p[n : n+m]) {
+				if zeros.Is(p[n : n+m]) {
 					break
 				}
 				n += m
@@ -175,21 +176,6 @@ func writeSparse(f *os.File, p []byte, off int64) error {
 		p, off = p[n:], off+int64(n)
 	}
 	return nil
-}
-
-func isZero(p []byte) bool {
-	for len(p) >= 8 {
-		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // catToStream copies the whole virtual disk to w in order, reading ahead

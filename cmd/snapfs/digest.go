@@ -4,13 +4,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"hash"
 	"io"
 	"os"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/snapfs/snapfs/internal/zeros"
 	"github.com/snapfs/snapfs/qcow2"
 )
 
@@ -108,10 +108,10 @@ func digestRaw(c *cli.Context, src *rawSource) (string, error) {
 			}
 			start = max(start, pos)
 			if start >= src.size || e <= start {
-				hashZeroBytes(h, src.size-pos)
+				zeros.Write(h, src.size-pos)
 				break
 			}
-			hashZeroBytes(h, start-pos)
+			zeros.Write(h, start-pos)
 			pos, end = start, min(e, src.size)
 			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
 				return "", err
@@ -126,17 +126,6 @@ func digestRaw(c *cli.Context, src *rawSource) (string, error) {
 			pos += n
 		}
 	}
-	hashZeroBytes(h, (src.size+511)&^511-src.size)
+	zeros.Write(h, (src.size+511)&^511-src.size)
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-var zeros64k = make([]byte, 64<<10)
-
-// hashZeroBytes adds n zero bytes to h.
-func hashZeroBytes(h hash.Hash, n int64) {
-	for n > 0 {
-		k := min(n, int64(len(zeros64k)))
-		h.Write(zeros64k[:k])
-		n -= k
-	}
 }

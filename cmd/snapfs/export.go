@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -181,6 +182,27 @@ func runExport(c *cli.Context) error {
 		debug.SetGCPercent(gcPercent)
 	}
 	start := time.Now()
+	// S3 takes metadata only when an upload starts. A file or device is
+	// hashed first, so that the object appears whole with its digest (and
+	// a source that changes before the stream has read it aborts the
+	// upload); stdin can be read once only, so its digest is set after the
+	// upload by a server-side copy of the object onto itself.
+	var prehash []byte
+	if src.f != os.Stdin {
+		sum, err := digestRaw(c, src)
+		if err == nil {
+			_, err = src.f.Seek(0, io.SeekStart)
+		}
+		if err != nil {
+			return fmt.Errorf("export of %s: hashing the source: %w", src.name, err)
+		}
+		meta[metaRawSHA256] = sum
+		if prehash, err = hex.DecodeString(sum); err != nil {
+			return err
+		}
+		opts.ExpectSHA256 = prehash
+	}
+	hashed := time.Since(start)
 	up, err := objstore.NewUpload(c.Context, st, key, objstore.UploadOptions{PartSize: partSize, Parallel: max(c.Int("uploads"), 1), Meta: meta})
 	if err != nil {
 		return fmt.Errorf("export to %s: %w", url, err)
@@ -198,21 +220,21 @@ func runExport(c *cli.Context) error {
 		return fmt.Errorf("export of %s to %s failed, the upload was aborted and no object written: %w", src.name, url, err)
 	}
 	digest := hex.EncodeToString(stats.RawSHA256[:])
-
-	// S3 takes metadata only when an upload starts: the digest, known now,
-	// is set by a copy of the object onto itself.
-	meta[metaRawSHA256] = digest
-	streamed := time.Since(start)
-	if mr, ok := raw.(objstore.MetadataReplacer); ok {
-		info, err := st.Stat(c.Context, key)
-		if err == nil {
-			err = mr.ReplaceMetadata(c.Context, key, info.ETag, meta)
+	streamed := time.Since(start) - hashed
+	if prehash == nil {
+		meta[metaRawSHA256] = digest
+		mr, ok := raw.(objstore.MetadataReplacer)
+		if !ok {
+			fmt.Fprintf(os.Stderr, "snapfs: %s cannot replace object metadata: %s not set\n", url, metaRawSHA256)
+		} else {
+			info, err := st.Stat(c.Context, key)
+			if err == nil {
+				err = mr.ReplaceMetadata(c.Context, key, info.ETag, meta)
+			}
+			if err != nil {
+				return fmt.Errorf("%s is written, but setting its %s metadata failed: %w", url, metaRawSHA256, err)
+			}
 		}
-		if err != nil {
-			return fmt.Errorf("%s is written, but setting its %s metadata failed: %w", url, metaRawSHA256, err)
-		}
-	} else {
-		fmt.Fprintf(os.Stderr, "snapfs: %s cannot replace object metadata: %s not set\n", url, metaRawSHA256)
 	}
 
 	el := time.Since(start)
@@ -227,7 +249,7 @@ func runExport(c *cli.Context) error {
 	fmt.Fprintf(w, "allocated:    %s (%d clusters of %s, %d compressed)\n", humanSize(data), stats.AllocatedClusters, humanSize(stats.ClusterSize), stats.CompressedClusters)
 	fmt.Fprintf(w, "stored:       %s (%d bytes), ratio %.2f\n", humanSize(stats.ImageSize), stats.ImageSize, ratio)
 	fmt.Fprintf(w, "raw sha256:   %s\n", digest)
-	fmt.Fprintf(w, "time:         %.1fs (%.0f MB/s of source; streaming %.1fs, setting the digest metadata %.1fs)\n",
-		el.Seconds(), float64(vsize)/el.Seconds()/1e6, streamed.Seconds(), (el - streamed).Seconds())
+	fmt.Fprintf(w, "time:         %.1fs (%.0f MB/s of source; hashing the source %.1fs, streaming %.1fs, setting the digest metadata %.1fs)\n",
+		el.Seconds(), float64(vsize)/el.Seconds()/1e6, hashed.Seconds(), streamed.Seconds(), (el - streamed - hashed).Seconds())
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -32,7 +33,11 @@ type localVolume struct {
 
 // Close closes the device, its volume and the image.
 func (v *localVolume) Close() error {
-	return errors.Join(v.dev.Close(), v.im.Close())
+	err := v.dev.Close()
+	if v.im != nil {
+		err = errors.Join(err, v.im.Close())
+	}
+	return err
 }
 
 // openVolume opens the image at key of st and the local volume at target
@@ -42,15 +47,35 @@ func openVolume(c *cli.Context, st objstore.Store, key, target string, writable 
 		return nil, fmt.Errorf("%s: a local volume needs one image, not a prefix", st.URL(key))
 	}
 	ctx := c.Context
-	info, err := st.Stat(ctx, key)
-	if err != nil {
-		return nil, err
-	}
 	var size int64
 	if s := c.String("size"); s != "" {
+		var err error
 		if size, err = parseBytes("size", s); err != nil {
 			return nil, err
 		}
+	}
+	info, err := st.Stat(ctx, key)
+	if err != nil {
+		// A complete volume needs its object no more: serve it alone.
+		statePath := c.String("state")
+		if statePath == "" {
+			statePath = cache.StatePathFor(target)
+		}
+		if vs, serr := cache.ReadVolumeState(statePath); serr == nil && vs.Complete && vs.URL == st.URL(key) {
+			slog.Warn("the object cannot be read; serving the complete volume without it", "volume", target, "err", err)
+			vol, verr := cache.OpenVolume(target, cache.VolumeSource{URL: vs.URL, ETag: vs.ETag, VirtualSize: vs.VirtualSize, Granularity: vs.Granularity},
+				cache.VolumeOptions{StatePath: statePath, Size: size})
+			if verr != nil {
+				return nil, verr
+			}
+			l, lerr := disk.NewLocal(nil, vol, writable)
+			if lerr != nil {
+				vol.Close()
+				return nil, lerr
+			}
+			return &localVolume{dev: l}, nil
+		}
+		return nil, err
 	}
 	im, err := qcow2.Open(ctx, st, key, nil)
 	if err != nil {

@@ -346,6 +346,11 @@ func TestExport(t *testing.T) {
 		if !strings.HasPrefix(string(d.stdout), rawSum) {
 			t.Errorf("digest of the file:// object: %s", d)
 		}
+		// A stream is hashed as it goes: its digest metadata is set after
+		// the upload, by the copy.
+		if !strings.Contains(d.stderr, "matches its snapfs-raw-sha256") {
+			t.Errorf("the stdin export has no digest metadata: %s", d)
+		}
 	})
 }
 

@@ -342,7 +342,9 @@ func proxyEnv(env []string, p *countingProxy) []string {
 func TestImportKill9(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	const size = 32 << 20
+	// 64 MiB at 2 MiB/s: 20 runs of 0.3-1.5 s copy less than half of it,
+	// however quiet the machine.
+	const size = 64 << 20
 	images.Large(t, dir, "kill.qcow2", size, 7)
 	ref := rawRef(t, dir, "kill.qcow2")
 	m := harness.StartMinIO(t)
@@ -357,7 +359,6 @@ func TestImportKill9(t *testing.T) {
 	p := startProxy(t, endpoint)
 	env := proxyEnv(m.Env(), p)
 	target := filepath.Join(t.TempDir(), "kill.raw")
-	// 2 MiB/s: 20 runs of 0.3-1.5 s copy about two thirds of the image.
 	const batch, chunk, jobs = 1 << 20, 1 << 20, 2
 	args := []string{"import", "--bandwidth", "2MiB", "--flush-batch", "1MiB", "--chunk", "1MiB", "--jobs", "2", "s3://kill/kill.qcow2", target}
 	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
@@ -514,6 +515,13 @@ func TestImportServe(t *testing.T) {
 		m.Stop()
 		defer m.Start(t)
 		check("complete, MinIO stopped")
+		// A later serve --volume of the complete volume needs MinIO no more.
+		if code := p.signal(t, syscall.SIGTERM, 15*time.Second); code != 0 {
+			t.Fatalf("import --serve exits %d on SIGTERM:\n%s", code, p.stderr)
+		}
+		p = startServe(t, m.Env(), "--retries", "1", "--volume", target, "--listen", "127.0.0.1:0", im.url)
+		uri = p.uri("nbdw.qcow2")
+		check("serve --volume of the complete volume, MinIO stopped")
 	})
 
 	// serve --volume: pure copy-on-read, no background pass; read-only
