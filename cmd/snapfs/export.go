@@ -189,6 +189,12 @@ func runExport(c *cli.Context) error {
 	// upload by a server-side copy of the object onto itself.
 	var prehash []byte
 	if src.f != os.Stdin {
+		// The hash reads the whole source: learn first that the bucket is
+		// there, not after an hour of reading. A store that forbids
+		// listing may still take the upload.
+		if _, err := st.List(c.Context, key); err != nil && !errors.Is(err, objstore.ErrForbidden) {
+			return fmt.Errorf("export to %s: %w", url, err)
+		}
 		sum, err := digestRaw(c, src)
 		if err == nil {
 			_, err = src.f.Seek(0, io.SeekStart)

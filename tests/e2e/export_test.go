@@ -304,6 +304,13 @@ func TestExport(t *testing.T) {
 		if left := multipartLeft(t, client, bucket); len(left) != 0 {
 			t.Errorf("uploads started: %v", left)
 		}
+
+		// A missing bucket is found by a listing before the source is
+		// hashed: the error comes from that listing and names the bucket.
+		res := runCLI(t, cliRun{args: []string{"export", raw, "s3://no-such-bucket/x.qcow2"}, env: env})
+		if res.code != 1 || !strings.Contains(res.stderr, "list s3://no-such-bucket/x.qcow2") || !strings.Contains(res.stderr, "NoSuchBucket") {
+			t.Errorf("export into a missing bucket: want exit 1 from the listing:\n%s", res)
+		}
 	})
 
 	// stdin needs --size; a file:// target is written whole.
