@@ -17,10 +17,13 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-// benchDisk writes a raw disk of size bytes to path: random data in 16 MiB
-// runs over about two thirds of it, holes elsewhere. Random data keeps the
-// page cache and compression from flattering anyone.
-func benchDisk(tb testing.TB, path string, size int64) {
+// diskRun is the length of the data runs and holes of the benchmark disks.
+const diskRun = 16 << 20
+
+// writeDisk writes a raw disk of size bytes to path: data in diskRun runs
+// over about two thirds of it (every third run a hole), each run filled by
+// fill.
+func writeDisk(tb testing.TB, path string, size int64, fill func(run []byte)) {
 	tb.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -30,18 +33,24 @@ func benchDisk(tb testing.TB, path string, size int64) {
 	if err := f.Truncate(size); err != nil {
 		tb.Fatal(err)
 	}
-	rng := rand.NewChaCha8([32]byte{1})
-	const run = 16 << 20
-	buf := make([]byte, run)
-	for off := int64(0); off < size; off += run {
-		if (off/run)%3 == 2 {
+	buf := make([]byte, diskRun)
+	for off := int64(0); off < size; off += diskRun {
+		if (off/diskRun)%3 == 2 {
 			continue
 		}
-		_, _ = rng.Read(buf)
-		if _, err := f.WriteAt(buf, off); err != nil {
+		p := buf[:min(diskRun, size-off)]
+		fill(p)
+		if _, err := f.WriteAt(p, off); err != nil {
 			tb.Fatal(err)
 		}
 	}
+}
+
+// benchDisk writes a writeDisk disk of random data. Random data keeps the
+// page cache and compression from flattering anyone.
+func benchDisk(tb testing.TB, path string, size int64) {
+	rng := rand.NewChaCha8([32]byte{1})
+	writeDisk(tb, path, size, func(p []byte) { _, _ = rng.Read(p) })
 }
 
 // buildSnapfs builds the CLI into dir and returns its path.

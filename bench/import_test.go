@@ -24,30 +24,15 @@ import (
 	"github.com/snapfs/snapfs/tests/harness"
 )
 
-// compressibleDisk writes a raw disk of size bytes whose data (two thirds,
-// in 16 MiB runs, as benchDisk) is text that zlib shrinks about threefold.
+// compressibleDisk writes a writeDisk disk whose data is text that zlib
+// shrinks about threefold.
 func compressibleDisk(tb testing.TB, path string, size int64) {
-	tb.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		tb.Fatal(err)
-	}
 	rng := rand.New(rand.NewPCG(1, 2))
-	const run = 16 << 20
-	for off := int64(0); off < size; off += run {
-		if (off/run)%3 == 2 {
-			continue
+	writeDisk(tb, path, size, func(p []byte) {
+		for o := 0; o < len(p); o += 1 << 20 {
+			copy(p[o:], textCorpus(rng)[:1<<20])
 		}
-		for o := off; o < min(off+run, size); o += 1 << 20 {
-			if _, err := f.WriteAt(textCorpus(rng)[:1<<20], o); err != nil {
-				tb.Fatal(err)
-			}
-		}
-	}
+	})
 }
 
 func BenchmarkImport(b *testing.B) {
