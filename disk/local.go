@@ -141,14 +141,15 @@ func (l *Local) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
 func (l *Local) demandFill(ctx context.Context, i, j int64, p []byte, off int64) error {
 	l.demandStart()
 	defer l.demandEnd()
-	buf, lo, err := l.fetch(ctx, i, j)
+	bp, lo, err := l.fetch(ctx, i, j)
 	if err != nil {
 		return err
 	}
-	if err := l.install(i, j, buf, lo, true); err != nil {
+	defer putBuf(bp)
+	if err := l.install(i, j, *bp, lo, true); err != nil {
 		return err
 	}
-	overlapCopy(p, off, buf, lo)
+	overlapCopy(p, off, *bp, lo)
 	return nil
 }
 
@@ -159,10 +160,16 @@ func (l *Local) demandEnd() {
 	l.demand.Add(-1)
 }
 
-// fetch reads granules [i, j) from the image (zeros past its end).
-func (l *Local) fetch(ctx context.Context, i, j int64) ([]byte, int64, error) {
+// fetch reads granules [i, j) from the image (zeros past its end) into a
+// pooled buffer, which the caller gives back with putBuf.
+func (l *Local) fetch(ctx context.Context, i, j int64) (*[]byte, int64, error) {
 	lo, hi := i*l.g, min(j*l.g, l.vol.Size())
-	return l.fetchInto(ctx, l.d.ReadAt, make([]byte, hi-lo), lo)
+	bp := getBuf(int(hi - lo))
+	if _, _, err := l.fetchInto(ctx, l.d.ReadAt, *bp, lo); err != nil {
+		putBuf(bp)
+		return nil, 0, err
+	}
+	return bp, lo, nil
 }
 
 // fetchInto reads the granules of buf (at guest offset lo, granule-aligned)
@@ -257,12 +264,14 @@ func (l *Local) modify(ctx context.Context, off, n int64, op func(s, e int64) er
 func (l *Local) modifyLocked(ctx context.Context, k, gs, ge, s, e int64, op func(s, e int64) error) error {
 	if !l.vol.Present(k) && (s > gs || e < ge) {
 		l.demandStart()
-		buf, lo, err := l.fetch(ctx, k, k+1)
+		bp, lo, err := l.fetch(ctx, k, k+1)
 		l.demandEnd()
 		if err != nil {
 			return err
 		}
-		if err := l.vol.WriteData(buf, lo); err != nil {
+		err = l.vol.WriteData(*bp, lo)
+		putBuf(bp)
+		if err != nil {
 			return err
 		}
 	}
@@ -385,9 +394,10 @@ func (l *Local) Prefetch(ctx context.Context, off, n int64) error {
 		}
 		j := min(l.vol.NextPresent(i), end, i+step)
 		l.demandStart()
-		buf, lo, err := l.fetch(ctx, i, j)
+		bp, lo, err := l.fetch(ctx, i, j)
 		if err == nil {
-			err = l.install(i, j, buf, lo, false)
+			err = l.install(i, j, *bp, lo, false)
+			putBuf(bp)
 		}
 		l.demandEnd()
 		if err != nil {

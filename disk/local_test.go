@@ -275,10 +275,12 @@ func TestLocalFillNeverOverwritesWrite(t *testing.T) {
 	target := filepath.Join(t.TempDir(), "vol.raw")
 	l, _ := openLocal(t, img.path, target, true, cache.VolumeOptions{})
 	ctx := context.Background()
-	buf, lo, err := l.fetch(ctx, 0, 16) // granules [0, 16), as hydration would
+	bp, lo, err := l.fetch(ctx, 0, 16) // granules [0, 16), as hydration would
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer putBuf(bp)
+	buf := *bp
 	w := bytes.Repeat([]byte{0x99}, 100)
 	if _, err := l.WriteAt(ctx, w, 3*65536+10); err != nil {
 		t.Fatal(err)
