@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -59,6 +60,12 @@ func serveMetrics(addr string, d *devices) error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(metricsRegistry(d), promhttp.HandlerOpts{}))
+	// Go's profiler beside the counters, as Prometheus and etcd serve it:
+	// where a slow read spends its CPU is the next question after the
+	// counters. The endpoint listens on loopback unless told otherwise.
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	fmt.Fprintf(os.Stderr, "snapfs: metrics on http://%s/metrics\n", l.Addr())
 	go func() {
 		if err := http.Serve(l, mux); err != nil && !errors.Is(err, net.ErrClosed) {

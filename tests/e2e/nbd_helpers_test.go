@@ -824,3 +824,23 @@ func scrapeMetrics(t *testing.T, url string) map[string]float64 {
 	}
 	return out
 }
+
+// checkProfiler checks that the metrics endpoint at base also serves Go's
+// profiler: the goroutine dump names the NBD server's accept loop.
+func checkProfiler(t *testing.T, base string) {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second}
+	url := base + "/debug/pprof/goroutine?debug=1"
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s, %v", url, resp.Status, err)
+	}
+	if !strings.Contains(string(b), "goroutine profile:") || !strings.Contains(string(b), "snapfs/nbd.") {
+		t.Errorf("GET %s: not a goroutine profile naming the nbd package:\n%.2000s", url, b)
+	}
+}

@@ -704,6 +704,7 @@ func TestServeFaults(t *testing.T) {
 	m.Upload(t, "faults", "img/large.qcow2", filepath.Join(dir, "large.qcow2"))
 	p := startServe(t, m.Env(), "--retries", "2", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "s3://faults/img/large.qcow2")
 	metrics := p.metricsURL(t)
+	checkProfiler(t, strings.TrimSuffix(metrics, "/metrics"))
 	uri := p.uri("large.qcow2")
 
 	c, err := nbdDial("tcp", p.addr, "large.qcow2", helloGo, time.Now().Add(2*time.Minute))
