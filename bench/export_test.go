@@ -54,15 +54,16 @@ func BenchmarkExport(b *testing.B) {
 	// The limit and the peers upload with minio-go's defaults, which over
 	// plain http sign every payload chunk (streaming SigV4), as snapfs's
 	// parts are: like is compared with like.
-	upload := func(key, path string) time.Duration {
+	uploadWith := func(key, path string, opts minio.PutObjectOptions) time.Duration {
 		start := time.Now()
-		if _, err := cl.FPutObject(ctx, "bench", key, path, minio.PutObjectOptions{}); err != nil {
+		if _, err := cl.FPutObject(ctx, "bench", key, path, opts); err != nil {
 			b.Fatalf("upload %s: %v", path, err)
 		}
 		d := time.Since(start)
 		_ = cl.RemoveObject(ctx, "bench", key, minio.RemoveObjectOptions{})
 		return d
 	}
+	upload := func(key, path string) time.Duration { return uploadWith(key, path, minio.PutObjectOptions{}) }
 	run := func(name string, args ...string) time.Duration {
 		start := time.Now()
 		if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
@@ -122,10 +123,18 @@ func BenchmarkExport(b *testing.B) {
 		size, alloc := fi.Size(), img.alloc
 		disk := fmt.Sprintf("%s (%d MiB, %d MiB allocated)", img.name, size>>20, alloc>>20)
 
+		// The limit and snapfs uncompressed are measured twice, in turn,
+		// and the better of each is kept: the machine is shared.
 		tLimit := upload("raw", img.raw)
 		tSnap, sSnap, snapSize := snap(img.raw, "none")
 		tConv, tUp, qSize := qemuThenUpload(img.raw)
-		tLimit = min(tLimit, upload("raw", img.raw)) // the better of two bounds the rest
+		tLimit = min(tLimit, upload("raw", img.raw))
+		if t, s, _ := snap(img.raw, "none"); t < tSnap {
+			tSnap, sSnap = t, s
+		}
+		// What signing the payload costs: the same upload with
+		// UNSIGNED-PAYLOAD (informative; snapfs signs as the limit does).
+		tUnsigned := uploadWith("raw", img.raw, minio.PutObjectOptions{DisableContentSha256: true})
 		var tZlib, sZlib, tZstd, sZstd, tConvC, tUpC time.Duration
 		var zlibSize, zstdSize, qcSize int64
 		if compressed {
@@ -143,7 +152,9 @@ func BenchmarkExport(b *testing.B) {
 		}
 		row("| %s | plain multipart upload of the raw file (limit, minio-go FPutObject, better of two) | %.2fs | %d | %.0f (%.0f of file) | 1.00 | - |",
 			disk, tLimit.Seconds(), size>>20, float64(alloc)/tLimit.Seconds()/1e6, limitRate/1e6)
-		line("snapfs export", tSnap, snapSize, fmt.Sprintf(">= 0.85 x limit: %s", yes(xLimit(tSnap) >= 0.85)))
+		row("| %s | (the same upload with an unsigned payload, DisableContentSha256) | %.2fs | %d | %.0f (%.0f of file) | (%.2f) | - |",
+			disk, tUnsigned.Seconds(), size>>20, float64(alloc)/tUnsigned.Seconds()/1e6, float64(size)/tUnsigned.Seconds()/1e6, tLimit.Seconds()/tUnsigned.Seconds())
+		line("snapfs export (better of two)", tSnap, snapSize, fmt.Sprintf(">= 0.85 x limit: %s", yes(xLimit(tSnap) >= 0.85)))
 		line("snapfs export, streaming only (without the source hash pass)", sSnap, snapSize, fmt.Sprintf("(>= 0.85 x limit: %s)", yes(xLimit(sSnap) >= 0.85)))
 		line(fmt.Sprintf("qemu-img convert -O qcow2 (%.1fs) + upload (%.1fs)", tConv.Seconds(), tUp.Seconds()), tConv+tUp, qSize, "-")
 		if img == imgs[0] {
@@ -172,7 +183,8 @@ func BenchmarkExport(b *testing.B) {
 		p.mode, time.Since(began).Round(time.Second), load0, loadAvg())
 	legend := "Targets (issue 6), on the ext4 disk: uncompressed export >= 0.85 x the limit in MB/s of allocated bytes (the limit's rate is the raw file's size over its time); " +
 		"compressed (zlib or zstd) <= 0.25 x the time of qemu-img convert -c + upload. Rows in parentheses are informative. " +
-		"Every upload signs its payload as minio-go does by default over http (streaming SigV4)."
+		"Every upload but the unsigned row signs its payload as minio-go does by default over http (streaming SigV4: SHA-256 of every 64 KiB chunk on the client and again in MinIO); " +
+		"the unsigned row (x limit: its speed-up) shows what that signing costs."
 	fmt.Printf("\n%s\n\n%s\n%s\n", header, table.String(), legend)
 	b.ReportMetric(xNone, "snapfs/limit")
 	b.ReportMetric(xPeerC, "qemu-c/snapfs-c")
