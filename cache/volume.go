@@ -386,6 +386,30 @@ func (v *Volume) MarkPresent(i, j int64) error {
 	return nil
 }
 
+// MarkHoles sets the bits of granules [i, j), which the caller has made
+// holes (Zero). Unlike MarkPresent it never flushes at once: losing these
+// bits in a crash costs no fetch, so they go with the next flush (the
+// flusher's, within the flush interval).
+func (v *Volume) MarkHoles(i, j int64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return fmt.Errorf("volume %s: %w", v.target, os.ErrClosed)
+	}
+	set := false
+	for k := i; k < j; k++ {
+		if !v.has(k) {
+			v.present[k>>6] |= 1 << (k & 63)
+			v.count++
+			set = true
+		}
+	}
+	if set {
+		v.pending++ // makes the flusher write them
+	}
+	return nil
+}
+
 // PresentBytes returns the bytes marked present.
 func (v *Volume) PresentBytes() int64 {
 	v.mu.Lock()

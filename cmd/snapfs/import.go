@@ -39,6 +39,7 @@ func importCommand() *cli.Command {
 			&cli.StringFlag{Name: "bandwidth", Usage: "cap the background copy at `RATE` bytes per second (e.g. 50MiB)"},
 			&cli.IntFlag{Name: "jobs", Aliases: []string{"j"}, Value: disk.DefaultHydrateWorkers, Usage: "reads in flight"},
 			&cli.StringFlag{Name: "chunk", Value: "8MiB", Usage: "guest bytes per read"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics and Go's profiler at http://`ADDR`/"},
 			&cli.BoolFlag{Name: "progress", Usage: "show a progress bar (default: when stderr is a terminal)"},
 			&cli.StringFlag{Name: "flush-batch", Hidden: true, Usage: "newly local bytes that make the state file be written (default 32MiB; also every second)"},
 		)...),
@@ -82,6 +83,13 @@ func runImport(c *cli.Context) error {
 		return err
 	}
 	defer v.Close()
+	if addr := c.String("metrics"); addr != "" {
+		// The store's counters; hydration reads the image directly, not
+		// through the Disk's counters.
+		if err := serveMetrics(addr, &devices{stats: &disk.Stats{}, metrics: metrics}); err != nil {
+			return err
+		}
+	}
 	vol := v.dev.Volume()
 	if vol.Complete() && serve == "" {
 		fmt.Fprintf(os.Stderr, "snapfs: %s is already complete (%s)\n", target, st.URL(key))
