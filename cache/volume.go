@@ -293,6 +293,9 @@ func (v *Volume) flusher() {
 	}
 }
 
+// Source returns what the volume holds a copy of.
+func (v *Volume) Source() VolumeSource { return v.src }
+
 // Target returns the target path.
 func (v *Volume) Target() string { return v.target }
 

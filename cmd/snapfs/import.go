@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -172,18 +173,37 @@ func importFUSE(c *cli.Context, st objstore.Store, key string, v *localVolume, h
 }
 
 // mountVolume mounts the volume's device at dir, as a directory holding
-// the image's raw file (named as snapfs mount names it).
+// the image's raw file (named as snapfs mount names it). The file is the
+// device itself, of the volume's size: the mount lists nothing, so that a
+// complete volume is served with the bucket gone.
 func mountVolume(c *cli.Context, st objstore.Store, key string, v *localVolume, dir string) (*fs.Mount, error) {
+	vol := v.dev.Volume()
+	fixed := &fs.FixedFile{Device: sharedDevice{v.dev}, ETag: vol.Source().ETag, Allocated: vol.Size()}
+	if fi, err := os.Stat(vol.StatePath()); err == nil {
+		fixed.ModTime = fi.ModTime()
+	}
+	if v.im != nil {
+		fixed.ModTime = v.info.LastModified
+		if ext, err := v.im.Map(c.Context, 0, v.im.Size()); err == nil {
+			fixed.Allocated = 0
+			for _, e := range ext {
+				if e.Kind == qcow2.Data || e.Kind == qcow2.Compressed {
+					fixed.Allocated += e.Length
+				}
+			}
+		}
+	} else if fi, err := os.Stat(vol.Target()); err == nil {
+		if sys, ok := fi.Sys().(*syscall.Stat_t); ok && !vol.BlockDevice() {
+			fixed.Allocated = min(sys.Blocks*512, vol.Size())
+		}
+	}
 	opts := fs.Options{
 		UID:      uint32(os.Getuid()),
 		GID:      uint32(os.Getgid()),
 		ListTTL:  -1,
 		Logger:   slog.Default(),
 		Writable: !v.dev.ReadOnly(),
-		OpenDevice: func(_ context.Context, im *qcow2.Image) (disk.Device, error) {
-			im.Close() // the volume has its own
-			return sharedDevice{v.dev}, nil
-		},
+		Fixed:    fixed,
 	}
 	fsys, err := fs.New(c.Context, st, key, opts)
 	if err != nil {
@@ -194,6 +214,6 @@ func mountVolume(c *cli.Context, st objstore.Store, key string, v *localVolume, 
 		fsys.Close()
 		return nil, err
 	}
-	slog.Info("mounted", "source", st.URL(key), "volume", v.dev.Volume().Target(), "mountpoint", m.Dir())
+	slog.Info("mounted", "source", st.URL(key), "volume", vol.Target(), "mountpoint", m.Dir())
 	return m, nil
 }

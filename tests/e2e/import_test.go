@@ -607,6 +607,59 @@ func TestImportServe(t *testing.T) {
 		}
 	})
 
+	// A complete volume, larger than the image (--size), mounted through
+	// FUSE with MinIO stopped: the file is the device (the volume's size,
+	// the extra reading as zeros) and needs no listing of the bucket, both
+	// with mount --volume and with import --serve fuse.
+	t.Run("fuse-complete-volume", func(t *testing.T) {
+		fuseNeed(t)
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "fcomp.qcow2", 16)
+		const size = 40 << 20
+		want = append(want, make([]byte, size-len(want))...)
+		target := filepath.Join(t.TempDir(), "fcomp.raw")
+		if res := runCLI(t, cliRun{args: []string{"import", "--size", "40MiB", im.url, target}, env: m.Env()}); res.code != 0 {
+			t.Fatalf("import --size: %s", res)
+		}
+		m.Stop()
+		defer m.Start(t)
+		for _, args := range [][]string{
+			{"mount", "--retries", "1", "--volume", target, im.url},
+			{"import", "--retries", "1", "--serve", "fuse", "--mountpoint"},
+		} {
+			mnt := t.TempDir()
+			if args[0] == "mount" {
+				args = append(args, mnt)
+			} else {
+				args = append(args, mnt, im.url, target)
+			}
+			p := fuseMount(t, m.Env(), mnt, args...)
+			file := filepath.Join(mnt, "fcomp.raw")
+			fuseDeadline(t, time.Minute, "read of the complete volume", func() {
+				fi, err := os.Stat(file)
+				if err != nil {
+					t.Fatalf("%s: %v", args[0], err)
+				}
+				if fi.Size() != size {
+					t.Errorf("%s: the file is %d bytes, want the volume's %d", args[0], fi.Size(), size)
+				}
+				got, err := os.ReadFile(file)
+				if err != nil {
+					t.Fatalf("%s: %v", args[0], err)
+				}
+				if d := firstDiff(got, want); d != "" || len(got) != len(want) {
+					t.Fatalf("%s: content of the complete volume with MinIO stopped differs: %s", args[0], d)
+				}
+			})
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			if code := p.wait(t, 20*time.Second); code != 0 {
+				t.Errorf("%s exits %d on SIGTERM:\n%s", args[0], code, p.stderr)
+			}
+		}
+	})
+
 	t.Run("minio-stopped", func(t *testing.T) {
 		if !m.Running() {
 			m.Start(t)
