@@ -59,6 +59,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"runtime"
 	"sync"
@@ -112,6 +113,13 @@ type StreamOptions struct {
 	// ErrSourceChanged before the sink receives the head, so the image is
 	// never completed.
 	ExpectSHA256 []byte
+	// ExpectSums, when set, holds the checksums of the raw content from an
+	// earlier read of the source (the one that hashed it): WriteStream
+	// checks its own read against them instead of hashing the content a
+	// second time, fails with ErrSourceChanged as for ExpectSHA256, and
+	// leaves StreamStats.RawSHA256 zero (that earlier read has the
+	// digest).
+	ExpectSums *SourceSums
 }
 
 // ErrSourceChanged is returned by WriteStream when the raw content does not
@@ -130,7 +138,8 @@ type StreamStats struct {
 	ClusterSize int64
 	// ImageSize is the size of the image in bytes.
 	ImageSize int64
-	// RawSHA256 is the SHA-256 of the VirtualSize bytes of raw content.
+	// RawSHA256 is the SHA-256 of the VirtualSize bytes of raw content
+	// (zero when StreamOptions.ExpectSums was given).
 	RawSHA256 [sha256.Size]byte
 }
 
@@ -587,13 +596,23 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 		}()
 	}
 
-	// Reader: the source in guest order, hashed, zeros for holes.
-	h := sha256.New()
+	// Reader: the source in guest order, hashed (or checksummed against
+	// ExpectSums), zeros for holes.
+	var h hash.Hash
+	var rec contentRecorder
+	var sums *SourceSums
+	if opts.ExpectSums != nil {
+		sums = &SourceSums{}
+		rec = sums
+	} else {
+		h = sha256.New()
+		rec = hashRecorder{h}
+	}
 	readErr := make(chan error, 1)
 	go func() {
 		defer close(order)
 		defer close(work)
-		readErr <- readStream(ctx, src, size, vsize, cs, batchBytes, h, free, work, order)
+		readErr <- readStream(ctx, src, size, vsize, cs, batchBytes, rec, free, work, order)
 	}()
 
 	// Writer: batches in guest order.
@@ -640,9 +659,15 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 	if err := ctx.Err(); err != nil {
 		return st, err
 	}
-	h.Sum(st.RawSHA256[:0])
-	if want := opts.ExpectSHA256; want != nil && !bytes.Equal(want, st.RawSHA256[:]) {
-		return st, fmt.Errorf("%w: its raw content hashes to %x now, %x before", ErrSourceChanged, st.RawSHA256, want)
+	if sums != nil {
+		if ok, at := sums.Equal(opts.ExpectSums); !ok {
+			return st, fmt.Errorf("%w: its raw content differs from the first read in the MiB at byte %d", ErrSourceChanged, at)
+		}
+	} else {
+		h.Sum(st.RawSHA256[:0])
+		if want := opts.ExpectSHA256; want != nil && !bytes.Equal(want, st.RawSHA256[:]) {
+			return st, fmt.Errorf("%w: its raw content hashes to %x now, %x before", ErrSourceChanged, st.RawSHA256, want)
+		}
 	}
 	if err := s.finish(vsize, ctype); err != nil {
 		return st, err
@@ -651,9 +676,21 @@ func WriteStream(ctx context.Context, sink StreamSink, src io.Reader, size int64
 	return st, nil
 }
 
+// contentRecorder takes the raw content in order: the bytes read, and
+// runs of zeros for holes.
+type contentRecorder interface {
+	io.Writer
+	WriteZeros(n int64)
+}
+
+// hashRecorder records content into a hash.
+type hashRecorder struct{ hash.Hash }
+
+func (h hashRecorder) WriteZeros(n int64) { zeros.Write(h.Hash, n) }
+
 // readStream reads the source into batches, skipping holes when src is a
-// HoleSeeker, and hashes the raw content (vsize bytes) into h.
-func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes int64, h io.Writer,
+// HoleSeeker, and records the raw content (vsize bytes) into h.
+func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes int64, h contentRecorder,
 	free, work, order chan *streamBatch) error {
 	hs, _ := src.(HoleSeeker)
 	pos := int64(0)
@@ -664,14 +701,16 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			if err != nil {
 				return fmt.Errorf("qcow2: finding data in the source at %d: %w", pos, err)
 			}
-			start = max(pos, start/cs*cs)
+			// No data left: test before rounding start down to a
+			// cluster, which would read the tail of an unaligned source.
 			if start >= size || end <= start {
-				zeros.Write(h, size-pos)
+				h.WriteZeros(size - pos)
 				break
 			}
+			start = max(pos, start/cs*cs)
 			limit = min(size, ceilDiv(end, cs)*cs)
 			if start > pos {
-				zeros.Write(h, start-pos)
+				h.WriteZeros(start - pos)
 				pos = start
 			}
 			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
@@ -712,6 +751,6 @@ func readStream(ctx context.Context, src io.Reader, size, vsize, cs, batchBytes 
 			return fmt.Errorf("qcow2: the source has more than its size of %d bytes", size)
 		}
 	}
-	zeros.Write(h, vsize-size)
+	h.WriteZeros(vsize - size)
 	return nil
 }

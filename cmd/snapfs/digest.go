@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -51,7 +52,7 @@ func runDigest(c *cli.Context) error {
 			return err
 		}
 		defer src.Close()
-		sum, err := digestRaw(c, src)
+		sum, err := digestRaw(c.Context, src, nil)
 		if err != nil {
 			return fmt.Errorf("%s: %w", src.name, err)
 		}
@@ -89,43 +90,121 @@ func runDigest(c *cli.Context) error {
 }
 
 // digestRaw hashes a raw source in order, hashing zeros for its holes
-// without reading them, and zeros up to the next multiple of 512.
-func digestRaw(c *cli.Context, src *rawSource) (string, error) {
+// without reading them, and zeros up to the next multiple of 512. With
+// sums it also records the content's checksums there, for export's check
+// that the stream reads what was hashed. A goroutine reads (and
+// checksums) the next buffers while this one hashes, so SHA-256 runs
+// without waiting for the reads.
+func digestRaw(ctx context.Context, src *rawSource, sums *qcow2.SourceSums) (string, error) {
+	const buffers, bufSize = 3, 2 << 20
+	free := make(chan []byte, buffers)
+	for range buffers {
+		free <- make([]byte, bufSize)
+	}
+	pieces := make(chan rawPiece, buffers)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var readErr error
+	go func() {
+		defer close(pieces)
+		readErr = readRaw(ctx, src, sums, free, pieces)
+	}()
 	h := sha256.New()
-	buf := make([]byte, 4<<20)
+	for p := range pieces {
+		// A hole of terabytes takes minutes to hash: an interrupt must not
+		// wait for it.
+		for p.data == nil && p.zeros > 0 {
+			if err := ctx.Err(); err != nil {
+				return "", err
+			}
+			k := min(p.zeros, 256<<20)
+			zeros.Write(h, k)
+			p.zeros -= k
+		}
+		if p.data == nil {
+			continue
+		}
+		h.Write(p.data)
+		free <- p.data[:cap(p.data)]
+	}
+	if readErr != nil {
+		return "", readErr
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
+}
+
+// rawPiece is the next part of a raw content: bytes read, or (data nil) a
+// run of zeros.
+type rawPiece struct {
+	data  []byte
+	zeros int64
+}
+
+// readRaw sends the raw content of src in order to pieces, reading into
+// buffers from free, and records it into sums when not nil.
+func readRaw(ctx context.Context, src *rawSource, sums *qcow2.SourceSums, free chan []byte, pieces chan<- rawPiece) error {
 	pos := int64(0)
 	r := src.reader()
 	hs, _ := r.(qcow2.HoleSeeker)
-	for pos < src.size {
-		if err := c.Context.Err(); err != nil {
-			return "", err
+	send := func(p rawPiece) error {
+		select {
+		case pieces <- p:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
 		}
+	}
+	zeroRun := func(n int64) error {
+		if n <= 0 {
+			return nil
+		}
+		if sums != nil {
+			sums.WriteZeros(n)
+		}
+		return send(rawPiece{zeros: n})
+	}
+	for pos < src.size {
 		end := src.size
 		if hs != nil {
 			start, e, err := hs.NextData(pos)
 			if err != nil {
-				return "", err
+				return err
 			}
 			start = max(start, pos)
 			if start >= src.size || e <= start {
-				zeros.Write(h, src.size-pos)
+				if err := zeroRun(src.size - pos); err != nil {
+					return err
+				}
+				pos = src.size
 				break
 			}
-			zeros.Write(h, start-pos)
+			if err := zeroRun(start - pos); err != nil {
+				return err
+			}
 			pos, end = start, min(e, src.size)
 			if _, err := hs.Seek(pos, io.SeekStart); err != nil {
-				return "", err
+				return err
 			}
 		}
 		for pos < end {
+			var buf []byte
+			select {
+			case buf = <-free:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
 			n := min(int64(len(buf)), end-pos)
 			if _, err := io.ReadFull(r, buf[:n]); err != nil {
-				return "", fmt.Errorf("reading at %d: %w", pos, err)
+				return fmt.Errorf("reading at %d: %w", pos, err)
 			}
-			h.Write(buf[:n])
+			if sums != nil {
+				sums.Write(buf[:n])
+			}
+			if err := send(rawPiece{data: buf[:n]}); err != nil {
+				return err
+			}
 			pos += n
 		}
 	}
-	zeros.Write(h, (src.size+511)&^511-src.size)
-	return hex.EncodeToString(h.Sum(nil)), nil
+	return zeroRun((src.size+511)&^511 - src.size)
 }

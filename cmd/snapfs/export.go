@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -50,6 +51,7 @@ func exportCommand() *cli.Command {
 			&cli.BoolFlag{Name: "progress", Usage: "show a progress bar (default: when stderr is a terminal)"},
 			&cli.StringFlag{Name: "part-size", Value: "8MiB", Usage: "size of the upload parts (at least 5MiB; raised for sources too large for 10000 parts)"},
 			&cli.IntFlag{Name: "uploads", Value: exportUploads, Usage: "parts uploaded at once"},
+			&cli.StringFlag{Name: "cpuprofile", Hidden: true, Usage: "write a Go CPU profile of the export to `FILE`"},
 		),
 		Action: runExport,
 	}
@@ -181,21 +183,35 @@ func runExport(c *cli.Context) error {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(gcPercent)
 	}
+	if path := c.String("cpuprofile"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	start := time.Now()
 	// S3 takes metadata only when an upload starts. A file or device is
-	// hashed first, so that the object appears whole with its digest (and
-	// a source that changes before the stream has read it aborts the
-	// upload); stdin can be read once only, so its digest is set after the
-	// upload by a server-side copy of the object onto itself.
-	var prehash []byte
-	if src.f != os.Stdin {
+	// hashed first, so that the object appears whole with its digest; that
+	// read also records a CRC-32C per MiB, against which the stream checks
+	// its own read (a source that changed in between aborts the upload)
+	// instead of hashing it again. stdin can be read once only, so its
+	// digest is set after the upload by a server-side copy of the object
+	// onto itself.
+	hashedFirst := src.f != os.Stdin
+	if hashedFirst {
 		// The hash reads the whole source: learn first that the bucket is
 		// there, not after an hour of reading. A store that forbids
 		// listing may still take the upload.
 		if _, err := st.List(c.Context, key); err != nil && !errors.Is(err, objstore.ErrForbidden) {
 			return fmt.Errorf("export to %s: %w", url, err)
 		}
-		sum, err := digestRaw(c, src)
+		sums := &qcow2.SourceSums{}
+		sum, err := digestRaw(c.Context, src, sums)
 		if err == nil {
 			_, err = src.f.Seek(0, io.SeekStart)
 		}
@@ -203,10 +219,7 @@ func runExport(c *cli.Context) error {
 			return fmt.Errorf("export of %s: hashing the source: %w", src.name, err)
 		}
 		meta[metaRawSHA256] = sum
-		if prehash, err = hex.DecodeString(sum); err != nil {
-			return err
-		}
-		opts.ExpectSHA256 = prehash
+		opts.ExpectSums = sums
 	}
 	hashed := time.Since(start)
 	up, err := objstore.NewUpload(c.Context, st, key, objstore.UploadOptions{PartSize: partSize, Parallel: max(c.Int("uploads"), 1), Meta: meta})
@@ -226,8 +239,11 @@ func runExport(c *cli.Context) error {
 		return fmt.Errorf("export of %s to %s failed, the upload was aborted and no object written: %w", src.name, url, err)
 	}
 	digest := hex.EncodeToString(stats.RawSHA256[:])
+	if hashedFirst {
+		digest = meta[metaRawSHA256] // the stream checked that it read the same content
+	}
 	streamed := time.Since(start) - hashed
-	if prehash == nil {
+	if !hashedFirst {
 		meta[metaRawSHA256] = digest
 		mr, ok := raw.(objstore.MetadataReplacer)
 		if !ok {

@@ -4,37 +4,42 @@
 package zeros
 
 import (
-	"encoding/binary"
+	"bytes"
 	"io"
 )
 
-// Is reports whether p is all zeros.
+// block is compared with and written for runs of zeros; nobody modifies
+// it.
+var block = make([]byte, 64<<10)
+
+// Is reports whether p is all zeros. It compares p with a block of zeros
+// (bytes.Equal runs vectorized): several times faster than a loop over
+// words.
 func Is(p []byte) bool {
-	for len(p) >= 8 {
-		if binary.NativeEndian.Uint64(p) != 0 {
+	for len(p) > 0 {
+		k := min(len(p), len(block))
+		if !bytes.Equal(p[:k], block[:k]) {
 			return false
 		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
+		p = p[k:]
 	}
 	return true
 }
 
-// block is written for runs of zeros; nobody modifies it.
-var block = make([]byte, 64<<10)
+// Block returns min(n, 64 KiB) zero bytes (nil for n <= 0), shared: the
+// caller must not modify them.
+func Block(n int64) []byte {
+	return block[:max(min(n, int64(len(block))), 0)]
+}
 
 // Write writes n zero bytes to w (a hash, typically), 64 KiB at a time.
 func Write(w io.Writer, n int64) error {
 	for n > 0 {
-		k := min(n, int64(len(block)))
-		if _, err := w.Write(block[:k]); err != nil {
+		z := Block(n)
+		if _, err := w.Write(z); err != nil {
 			return err
 		}
-		n -= k
+		n -= int64(len(z))
 	}
 	return nil
 }
