@@ -271,8 +271,22 @@ func OpenVolume(target string, src VolumeSource, opts VolumeOptions) (*Volume, e
 	// Fills of whole aligned blocks skip the page cache: a copy into it
 	// costs more CPU than the fetch, and an import would flush the
 	// machine's cache out for data nobody reads soon.
-	if df, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0); err == nil {
-		v.df = df
+	//
+	// A page that a buffered read cached before a direct write and that
+	// is still locked when the kernel invalidates the range after it
+	// would stay stale. The volume reads only present granules, which no
+	// fill writes any more, so the one way in is readahead past them:
+	// while fills run, the buffered descriptor reads no more than it is
+	// asked (FADV_RANDOM), and once the volume is complete (no more
+	// fills) it reads ahead again.
+	if df, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0); err == nil && !v.complete {
+		if unix.Fadvise(int(v.f.Fd()), 0, 0, unix.FADV_RANDOM) == nil {
+			v.df = df
+		} else {
+			df.Close()
+		}
+	} else if err == nil {
+		df.Close()
 	}
 	go v.flusher()
 	return v, nil
@@ -485,6 +499,9 @@ func (v *Volume) SetComplete() error {
 	}
 	v.complete = true
 	v.mu.Unlock()
+	if v.df != nil {
+		_ = unix.Fadvise(int(v.f.Fd()), 0, 0, unix.FADV_NORMAL) // readahead again: no fill races it now
+	}
 	return v.Sync()
 }
 
