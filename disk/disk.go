@@ -58,12 +58,46 @@ const (
 	// store latency). At most a quarter of them may be larger than
 	// MinFetch.
 	DefaultMaxInFlight = 32
+	// maxKeep caps DefaultKeep: nbdcopy's 4 connections with 64
+	// requests of 256 KiB each span 64 MiB (TestCopierLargeFetches).
+	maxKeep = 64 << 20
 	// minBlockSize is the least default block size.
 	minBlockSize = 64 << 10
 	// maxBlocks bounds the block count so that a block index fits in the
 	// 40 low bits of a cache key.
 	maxBlocks = 1 << 40
 )
+
+// DefaultKeep is the size of the default Options.Keep for a memory tier
+// of capacity bytes: a quarter of it, at most 64 MiB, the span of the
+// requests a parallel copier keeps in flight.
+func DefaultKeep(capacity int64) int64 { return min(capacity/4, maxKeep) }
+
+// KeepBudget bounds the bytes that disks hold in finished fetches until
+// read. It is safe for concurrent use.
+type KeepBudget struct {
+	max  int64
+	used atomic.Int64
+}
+
+// NewKeepBudget returns a budget of max bytes (none when max <= 0).
+func NewKeepBudget(max int64) *KeepBudget { return &KeepBudget{max: max} }
+
+// take reserves n bytes; false when they do not fit.
+func (b *KeepBudget) take(n int64) bool {
+	for {
+		u := b.used.Load()
+		if u+n > b.max {
+			return false
+		}
+		if b.used.CompareAndSwap(u, u+n) {
+			return true
+		}
+	}
+}
+
+// give returns n bytes.
+func (b *KeepBudget) give(n int64) { b.used.Add(-n) }
 
 // Options tune a Disk. The zero value is usable.
 type Options struct {
@@ -83,6 +117,12 @@ type Options struct {
 	// MaxInFlight bounds the fetches under way, a quarter of them (at
 	// least one) larger than MinFetch. Zero means DefaultMaxInFlight.
 	MaxInFlight int
+	// Keep bounds the bytes of finished sequential fetches held, outside
+	// the memory tier, until readers have read them (see Disk.kept); it
+	// may be shared by several disks. Nil means a private budget of
+	// DefaultKeep(Cache.Capacity()). The CLI takes it out of
+	// --cache-size, so that the two together stay within that budget.
+	Keep *KeepBudget
 	// Stats receives the counters; it may be shared by several disks.
 	// Nil means a private one.
 	Stats *Stats
@@ -131,6 +171,16 @@ type Disk struct {
 	mu       sync.Mutex
 	closed   atomic.Bool       // set under mu
 	inflight map[int64]*flight // block index -> the fetch bringing it; under mu
+	// kept holds finished stream fetches whose blocks have not all been
+	// read yet, oldest first, keptBytes their size, within keep. They
+	// stay in inflight, so readers copy from them: the memory tier's
+	// admission policy refuses new blocks when it is full of blocks read
+	// before (a scan does not displace them), and a stream's read-ahead
+	// would then be fetched again, piece by piece, by the readers.
+	kept        []*flight
+	keptBytes   int64
+	keepPending int64 // bytes of stream fetches under way, kept once done
+	keep        *KeepBudget
 }
 
 var _ Device = (*Disk)(nil)
@@ -200,6 +250,10 @@ func New(im Image, opts Options) (*Disk, error) {
 	}
 	if d.cache != nil {
 		d.keepAhead = min(2*maxWin, max(d.cache.Capacity()/16, maxWin))
+		d.keep = opts.Keep
+		if d.keep == nil {
+			d.keep = NewKeepBudget(DefaultKeep(d.cache.Capacity()))
+		}
 	}
 	d.streams.init(minFetch)
 	return d, nil
@@ -263,6 +317,20 @@ func (d *Disk) Close() error {
 	d.mu.Unlock()
 	d.cancel()
 	d.wg.Wait()
+	d.mu.Lock()
+	kept := d.kept
+	if d.keep != nil {
+		d.keep.give(d.keptBytes)
+	}
+	d.kept, d.keptBytes = nil, 0
+	for _, f := range kept {
+		f.kept = false
+		d.unregisterLocked(f)
+	}
+	d.mu.Unlock()
+	for _, f := range kept {
+		d.release(f)
+	}
 	if d.closeIm != nil {
 		return d.closeIm()
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,7 +19,8 @@ import (
 // where data says so; it records its reads.
 type fakeImage struct {
 	size, cluster int64
-	holes         [][2]int64 // [start, end) ranges that are unallocated
+	holes         [][2]int64    // [start, end) ranges that are unallocated
+	latency       time.Duration // added to each read, as a store's round trip
 
 	mu    sync.Mutex
 	reads [][2]int64 // [off, len) of each ReadAtContext
@@ -42,14 +44,24 @@ func (f *fakeImage) ReadAtContext(ctx context.Context, p []byte, off int64) (int
 	f.mu.Lock()
 	f.reads = append(f.reads, [2]int64{off, int64(len(p))})
 	f.mu.Unlock()
+	if f.latency > 0 {
+		time.Sleep(f.latency)
+	}
+	f.fill(p, off)
+	return len(p), nil
+}
+
+// fill sets p to the image's bytes at off.
+func (f *fakeImage) fill(p []byte, off int64) {
 	for i := range p {
-		if f.inHole(off + int64(i)) {
-			p[i] = 0
-		} else {
-			p[i] = pattern(off + int64(i))
+		p[i] = pattern(off + int64(i))
+	}
+	end := off + int64(len(p))
+	for _, h := range f.holes {
+		if lo, hi := max(h[0], off), min(h[1], end); lo < hi {
+			clear(p[lo-off : hi-off])
 		}
 	}
-	return len(p), nil
 }
 
 func (f *fakeImage) Map(ctx context.Context, off, length int64) ([]qcow2.Extent, error) {
@@ -107,11 +119,21 @@ func fakeDisk(t *testing.T, f *fakeImage, opts Options) *Disk {
 }
 
 // settle waits until no fetch is under way (their blocks are then in the
-// cache, unless refused).
+// cache, unless refused, or kept until read).
 func settle(d *Disk) {
 	for {
 		d.mu.Lock()
-		n := len(d.inflight)
+		n := 0
+		for _, f := range d.inflight {
+			select {
+			case <-f.done:
+				if f.kept {
+					continue
+				}
+			default:
+			}
+			n++
+		}
 		d.mu.Unlock()
 		if n == 0 {
 			return
@@ -165,8 +187,9 @@ func TestFetchClippedToData(t *testing.T) {
 	read := func(off int64) [][2]int64 {
 		t.Helper()
 		// Each read on its own, as a random reader's: forget the misses
-		// before, which would make the region dense.
+		// before, which would make the region dense, and the streams.
 		d.dense = denseTable{}
+		d.streams = streamTable{minFetch: d.minFetch}
 		if _, err := d.ReadAt(ctx, p, off); err != nil {
 			t.Fatal(err)
 		}
@@ -476,5 +499,100 @@ func TestBigFetchesBounded(t *testing.T) {
 	}
 	if s.mostBig < 2 || s.most <= s.mostBig {
 		t.Fatalf("%d fetches at once, %d of them large: the bounds were not exercised", s.most, s.mostBig)
+	}
+}
+
+// copyLike reads [0, f.size) as a parallel copier does (nbdcopy's
+// defaults): `workers` connections, each taking the next chunk of `chunk`
+// bytes in turn and reading it with `depth` requests of `req` bytes in
+// flight, each served by its own goroutine (as the NBD server does), so
+// that they reach the disk slightly out of order. It checks every byte.
+func copyLike(t *testing.T, d *Disk, f *fakeImage, workers, depth int, chunk, req int64) {
+	t.Helper()
+	var next atomic.Int64
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var inner sync.WaitGroup
+			sem := make(chan struct{}, depth)
+			var failed error
+			var mu sync.Mutex
+			for {
+				c := next.Add(chunk) - chunk
+				if c >= f.size {
+					break
+				}
+				for off := c; off < min(c+chunk, f.size); off += req {
+					sem <- struct{}{}
+					inner.Add(1)
+					go func() {
+						defer inner.Done()
+						defer func() { <-sem }()
+						p := make([]byte, req)
+						if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+							mu.Lock()
+							failed = err
+							mu.Unlock()
+							return
+						}
+						want := make([]byte, req)
+						f.fill(want, off)
+						if !bytes.Equal(p, want) {
+							mu.Lock()
+							failed = fmt.Errorf("bytes at %d differ", off)
+							mu.Unlock()
+						}
+					}()
+				}
+			}
+			inner.Wait()
+			errs <- failed
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// A parallel copier (nbdcopy's defaults: 4 connections, 128 MiB chunks,
+// 64 requests of 256 KiB in flight each; the store 2 ms away) is served
+// by large region-aligned fetches: about one per region, not one per
+// request, and every byte once.
+func TestCopierLargeFetches(t *testing.T) {
+	if raceEnabled {
+		t.Skip("skipped under the race detector: it changes the order in which requests arrive, which this test measures")
+	}
+	const req = 256 << 10
+	f := &fakeImage{size: 512 * mib, cluster: 64 << 10, latency: 2 * time.Millisecond, holes: [][2]int64{{70 * mib, 75 * mib}, {130*mib + 100<<10, 140 * mib}}}
+	d := fakeDisk(t, f, Options{MinFetch: req})
+	copyLike(t, d, f, 4, 64, 128*mib, req)
+	settle(d)
+	r := f.takeReads()
+	var fetched int64
+	small := 0
+	for _, x := range r {
+		fetched += x[1]
+		if x[1] < denseRegion/2 {
+			small++
+		}
+	}
+	data := f.size - 5*mib - (10*mib - 100<<10)
+	regions := int(f.size / denseRegion)
+	t.Logf("%d fetches (%d under half a region) of %d bytes for %d bytes of data in %d regions; cache %+v", len(r), small, fetched, data, regions, d.cache.Stats())
+	// Without the stream and kept-fetch logic: 480-640 fetches, 350-500
+	// of them small, and 588-640 MB fetched (the memory tier, full,
+	// refuses read-ahead blocks, which readers then fetch again).
+	if fetched > data+data/10 {
+		t.Errorf("fetched %d bytes for %d bytes of data", fetched, data)
+	}
+	if len(r) > regions*2 || small > regions*3/4 {
+		t.Errorf("%d fetches, %d of them under half a region, for %d regions of data", len(r), small, regions)
 	}
 }

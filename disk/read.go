@@ -7,6 +7,7 @@ package disk
 import (
 	"context"
 	"io"
+	"slices"
 	"sync/atomic"
 
 	"github.com/snapfs/snapfs/qcow2"
@@ -17,9 +18,12 @@ import (
 // done and copy from buf. refs counts those readers and the fetch
 // goroutine; the last to leave returns buf to its pool.
 type flight struct {
-	start, n int64 // blocks
-	off, len int64 // guest bytes
-	ahead    bool  // read ahead: nobody asked for it yet
+	start, n int64        // blocks
+	off, len int64        // guest bytes
+	ahead    bool         // read ahead: nobody asked for it yet
+	keep     bool         // a stream's: kept once done until its blocks are read (Disk.kept)
+	kept     bool         // in Disk.kept; under Disk.mu
+	used     atomic.Int64 // bytes readers copied out of it
 	done     chan struct{}
 	buf      *[]byte // set before done is closed, when err is nil
 	err      error   // set before done is closed
@@ -55,12 +59,14 @@ func (d *Disk) cached(b int64) bool {
 }
 
 // overlapCopy copies into p (guest offset off) the part of src (guest
-// offset srcOff) that overlaps it.
-func overlapCopy(p []byte, off int64, src []byte, srcOff int64) {
+// offset srcOff) that overlaps it, and returns its length.
+func overlapCopy(p []byte, off int64, src []byte, srcOff int64) int64 {
 	lo, hi := max(off, srcOff), min(off+int64(len(p)), srcOff+int64(len(src)))
-	if lo < hi {
-		copy(p[lo-off:hi-off], src[lo-srcOff:hi-srcOff])
+	if lo >= hi {
+		return 0
 	}
+	copy(p[lo-off:hi-off], src[lo-srcOff:hi-srcOff])
+	return hi - lo
 }
 
 // ReadAt fills p from offset off. Cached blocks are copied, zero and
@@ -153,7 +159,7 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 	lo, hi := missing[0], missing[len(missing)-1]+1
 	extLo, extHi, win, piece := lo, hi, d.maxWin, d.maxWin
 	if d.cache != nil {
-		if h.seq {
+		if h.stream() {
 			win = min(2*d.streams.window(h), d.maxWin)
 			piece = d.pieceOf(win)
 			// Up to the end of the region: a parallel copier's
@@ -198,7 +204,7 @@ func (d *Disk) fetchMissing(ctx context.Context, p []byte, off int64, missing []
 		d.mu.Unlock()
 		return errClosed
 	}
-	own, joined, late := d.claimLocked(p, off, need, alloc, extLo, extHi, piece>>d.shift, forRead)
+	own, joined, late := d.claimLocked(p, off, need, alloc, extLo, extHi, piece>>d.shift, forRead, h.stream() && d.cache != nil)
 	d.mu.Unlock()
 	if late > 0 {
 		d.stats.Hits.Add(late)
@@ -265,8 +271,9 @@ const (
 // registers flights of at most pieceBlocks blocks. The first run is widened down to extLo and the last
 // up to extHi over blocks that have data (alloc, indexed from extLo) and
 // are neither cached nor being fetched. The caller must launch own and,
-// unless forAhead, wait for own and joined.
-func (d *Disk) claimLocked(p []byte, off int64, need []int64, alloc []bool, extLo, extHi, pieceBlocks int64, mode claimMode) (own, joined []*flight, late int64) {
+// unless forAhead, wait for own and joined. With keep, the new flights
+// are kept once done until read (Disk.kept).
+func (d *Disk) claimLocked(p []byte, off int64, need []int64, alloc []bool, extLo, extHi, pieceBlocks int64, mode claimMode, keep bool) (own, joined []*flight, late int64) {
 	type run struct{ lo, hi int64 }
 	var runs []run
 	var shared int64
@@ -316,10 +323,15 @@ func (d *Disk) claimLocked(p []byte, off int64, need []int64, alloc []bool, extL
 		refs = 1
 	}
 	for _, r := range runs {
-		for s := r.lo; s < r.hi; s += pieceBlocks {
-			e := min(s+pieceBlocks, r.hi)
+		// Pieces end on multiples of their size: fetches of neighbouring
+		// runs then line up, without slivers between them.
+		for s, e := r.lo, int64(0); s < r.hi; s = e {
+			e = min((s/pieceBlocks+1)*pieceBlocks, r.hi)
 			off := s << d.shift
-			f := &flight{start: s, n: e - s, off: off, len: min(e<<d.shift, d.size) - off, ahead: ahead, done: make(chan struct{})}
+			f := &flight{start: s, n: e - s, off: off, len: min(e<<d.shift, d.size) - off, ahead: ahead, keep: keep, done: make(chan struct{})}
+			if keep {
+				d.keepPending += f.len
+			}
 			f.refs.Store(refs)
 			for b := s; b < e; b++ {
 				d.inflight[b] = f
@@ -364,7 +376,9 @@ func (d *Disk) wait(ctx context.Context, p []byte, off int64, lists ...[]*flight
 					first = f.err
 				}
 			} else if p != nil {
-				overlapCopy(p, off, *f.buf, f.off)
+				if n := overlapCopy(p, off, *f.buf, f.off); f.keep && f.used.Add(n) >= f.len {
+					d.unkeep(f)
+				}
 			}
 			d.release(f)
 		}
@@ -380,12 +394,26 @@ func (d *Disk) run(f *flight) {
 		d.stats.FetchErrors.Add(1)
 		f.err = err
 		// Unregister first: readers from now on fetch again.
-		d.unregister(f)
+		d.mu.Lock()
+		if f.keep {
+			d.keepPending -= f.len
+		}
+		d.unregisterLocked(f)
+		d.mu.Unlock()
 		close(f.done)
 		d.release(f)
 		return
 	}
 	close(f.done)
+	if f.keep && d.keepDone(f) {
+		return
+	}
+	d.retire(f)
+}
+
+// retire puts f's blocks in the memory tier, then unregisters f and
+// leaves it.
+func (d *Disk) retire(f *flight) {
 	if d.cache != nil {
 		buf := *f.buf
 		for i := range f.n {
@@ -401,14 +429,73 @@ func (d *Disk) run(f *flight) {
 	d.release(f)
 }
 
+// keepDone adds the finished flight f to d.kept, with the fetch
+// goroutine's reference, unless readers have copied all of it already;
+// the oldest kept flights are retired to stay within d.keep. It reports
+// whether f was kept. Kept flights go to the memory tier only when they
+// leave: until then readers copy from them, which counts what they read.
+func (d *Disk) keepDone(f *flight) bool {
+	d.mu.Lock()
+	d.keepPending -= f.len
+	if d.closed.Load() || f.len > d.keep.max || f.used.Load() >= f.len {
+		d.mu.Unlock()
+		return false
+	}
+	var out []*flight
+	kept := true
+	for !d.keep.take(f.len) {
+		if len(d.kept) == 0 {
+			kept = false // other disks hold the budget
+			break
+		}
+		g := d.kept[0]
+		d.kept = d.kept[1:]
+		d.keptBytes -= g.len
+		d.keep.give(g.len)
+		g.kept = false
+		out = append(out, g)
+	}
+	if kept {
+		f.kept = true
+		d.kept = append(d.kept, f)
+		d.keptBytes += f.len
+	}
+	d.mu.Unlock()
+	for _, g := range out {
+		d.retire(g)
+	}
+	return kept
+}
+
+// unkeep retires f, if kept, now that readers copied all of it.
+func (d *Disk) unkeep(f *flight) {
+	d.mu.Lock()
+	if !f.kept {
+		d.mu.Unlock()
+		return
+	}
+	f.kept = false
+	if i := slices.Index(d.kept, f); i >= 0 {
+		d.kept = slices.Delete(d.kept, i, i+1)
+		d.keptBytes -= f.len
+		d.keep.give(f.len)
+	}
+	d.mu.Unlock()
+	d.retire(f)
+}
+
 func (d *Disk) unregister(f *flight) {
 	d.mu.Lock()
+	d.unregisterLocked(f)
+	d.mu.Unlock()
+}
+
+func (d *Disk) unregisterLocked(f *flight) {
 	for b := f.start; b < f.start+f.n; b++ {
 		if d.inflight[b] == f {
 			delete(d.inflight, b)
 		}
 	}
-	d.mu.Unlock()
 }
 
 // fetch reads f's range from the image, at most cap(d.sem) at a time, and
@@ -459,6 +546,15 @@ func (d *Disk) fetch(f *flight) error {
 // of starting their own. ctx (the reader's) bounds only the map lookup;
 // a failure just skips the read-ahead.
 func (d *Disk) readahead(ctx context.Context, lo, hi int64) {
+	// Read-ahead that would push finished fetches out of d.kept before
+	// their readers come would only be fetched again: wait until readers
+	// have caught up (their own misses still fetch whole regions).
+	d.mu.Lock()
+	full := d.keep.used.Load()+d.keepPending >= d.keep.max
+	d.mu.Unlock()
+	if full {
+		return
+	}
 	b0, b1 := lo>>d.shift, (hi-1)>>d.shift+1
 	_ = d.fill(ctx, b0, b1, d.pieceOf(hi-lo)>>d.shift, true)
 }
@@ -508,7 +604,7 @@ func (d *Disk) fill(ctx context.Context, b0, b1, pieceBlocks int64, ahead bool) 
 	if ahead {
 		mode = forAhead
 	}
-	own, joined, _ := d.claimLocked(nil, 0, need, alloc, b0, b1, pieceBlocks, mode)
+	own, joined, _ := d.claimLocked(nil, 0, need, alloc, b0, b1, pieceBlocks, mode, ahead)
 	d.mu.Unlock()
 	d.launch(own)
 	if ahead {

@@ -30,15 +30,23 @@ type hint struct {
 	slot int
 	gen  uint64
 	seq  bool // the request continues a stream
+	near bool // the request falls behind a stream's end, within reach
 }
+
+// stream reports whether the request belongs to a stream: its misses are
+// fetched in the stream's window, not in MinFetch.
+func (h hint) stream() bool { return h.seq || h.near }
 
 func (t *streamTable) init(minFetch int64) { t.minFetch = minFetch }
 
 // note records a request [off, end) and says which stream it belongs to.
-// A request starting at most tol past a stream's end continues it (seq);
-// one starting at most tol before the end (a re-read, or requests of one
-// stream arriving out of order) belongs to it without continuing it; any
-// other starts a new stream in the least recently used slot.
+// A request starting within reach of a stream's end belongs to it: reach
+// is the stream's window, at least tol and MinFetch, so that the
+// requests of a parallel copier, which arrive a few apart and out of
+// order, stay in their stream. A request
+// ending past the stream's end continues it (seq) and moves the end; one
+// behind it is near. Any other request starts a new stream in the least
+// recently used slot.
 func (t *streamTable) note(off, end, tol int64) hint {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -49,19 +57,20 @@ func (t *streamTable) note(off, end, tol int64) hint {
 		if s.gen == 0 {
 			continue
 		}
+		reach := max(tol, t.minFetch, s.window)
 		dist := off - s.next
 		if dist < 0 {
 			dist = -dist
 		}
-		if dist <= tol && (best < 0 || dist < bestDist) {
+		if dist <= reach && (best < 0 || dist < bestDist) {
 			best, bestDist = i, dist
 		}
 	}
 	if best >= 0 {
 		s := &t.s[best]
 		s.used = t.clock
-		if off < s.next {
-			return hint{slot: best, gen: s.gen}
+		if end <= s.next {
+			return hint{slot: best, gen: s.gen, near: true}
 		}
 		s.next = end
 		return hint{slot: best, gen: s.gen, seq: true}

@@ -54,7 +54,15 @@ func newDevices(c *cli.Context) (*devices, error) {
 		return nil, err
 	}
 	if size > 0 {
-		if d.mem, err = cache.NewMemory(size); err != nil {
+		// Read-ahead held for sequential readers comes out of the same
+		// budget: the cache gets the rest (all of a budget too small to
+		// share).
+		keep := disk.DefaultKeep(size)
+		if size-keep < 4*disk.DefaultMaxWindow {
+			keep = 0
+		}
+		d.opts.Keep = disk.NewKeepBudget(keep)
+		if d.mem, err = cache.NewMemory(size - keep); err != nil {
 			return nil, err
 		}
 	}
