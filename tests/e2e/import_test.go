@@ -313,13 +313,27 @@ func startProxy(t *testing.T, target string) *countingProxy {
 				}
 				defer s.Close()
 				go func() { io.Copy(s, c); s.(*net.TCPConn).CloseWrite() }()
-				n, _ := io.Copy(c, s)
-				p.down.Add(n)
+				// Counted as read from MinIO, before the client can have
+				// it: a count taken once the copy ends would miss the
+				// connections MinIO keeps open after the client exits.
+				io.Copy(c, countingReader{s, &p.down})
 			}()
 		}
 	}()
 	t.Cleanup(func() { l.Close() })
 	return p
+}
+
+// countingReader adds the bytes it reads to n.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // proxyEnv is env with the S3 endpoint replaced by the proxy's.
