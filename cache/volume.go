@@ -15,7 +15,9 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -94,6 +96,8 @@ type VolumeOptions struct {
 // locks granules. Methods are safe for concurrent use.
 type Volume struct {
 	f         *os.File
+	df        *os.File    // the target opened O_DIRECT for fills, or nil
+	noDirect  atomic.Bool // df refused a write: fills are buffered from then on
 	target    string
 	statePath string
 	src       VolumeSource
@@ -116,6 +120,7 @@ type Volume struct {
 	lastFlush time.Time
 	stop      chan struct{}
 	done      chan struct{}
+	kick      chan struct{} // asks the flusher to flush now
 }
 
 // StatePathFor returns the default state file of target.
@@ -171,6 +176,7 @@ func OpenVolume(target string, src VolumeSource, opts VolumeOptions) (*Volume, e
 		interval:  opts.FlushInterval,
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
+		kick:      make(chan struct{}, 1),
 		lastFlush: time.Now(),
 	}
 	if v.flushAt <= 0 {
@@ -262,6 +268,26 @@ func OpenVolume(target string, src VolumeSource, opts VolumeOptions) (*Volume, e
 		v.f.Close()
 		return nil, err
 	}
+	// Fills of whole aligned blocks skip the page cache: a copy into it
+	// costs more CPU than the fetch, and an import would flush the
+	// machine's cache out for data nobody reads soon.
+	//
+	// A page that a buffered read cached before a direct write and that
+	// is still locked when the kernel invalidates the range after it
+	// would stay stale. The volume reads only present granules, which no
+	// fill writes any more, so the one way in is readahead past them:
+	// while fills run, the buffered descriptor reads no more than it is
+	// asked (FADV_RANDOM), and once the volume is complete (no more
+	// fills) it reads ahead again.
+	if df, err := os.OpenFile(target, os.O_RDWR|unix.O_DIRECT, 0); err == nil && !v.complete {
+		if unix.Fadvise(int(v.f.Fd()), 0, 0, unix.FADV_RANDOM) == nil {
+			v.df = df
+		} else {
+			df.Close()
+		}
+	} else if err == nil {
+		df.Close()
+	}
 	go v.flusher()
 	return v, nil
 }
@@ -273,7 +299,7 @@ func (v *Volume) clearTail() {
 	}
 }
 
-// flusher flushes newly set bits every interval.
+// flusher flushes newly set bits every interval, and when kicked.
 func (v *Volume) flusher() {
 	defer close(v.done)
 	t := time.NewTicker(v.interval)
@@ -282,6 +308,8 @@ func (v *Volume) flusher() {
 		select {
 		case <-v.stop:
 			return
+		case <-v.kick:
+			_ = v.Sync() // as below
 		case <-t.C:
 			v.mu.Lock()
 			p := v.pending
@@ -292,6 +320,9 @@ func (v *Volume) flusher() {
 		}
 	}
 }
+
+// Source returns what the volume holds a copy of.
+func (v *Volume) Source() VolumeSource { return v.src }
 
 // Target returns the target path.
 func (v *Volume) Target() string { return v.target }
@@ -357,8 +388,9 @@ func (v *Volume) NextPresent(i int64) int64 {
 // MarkPresent sets the bits of granules [i, j), whose data the caller has
 // written to the target (the bits reach the state file only after a
 // fdatasync of the target). When more than the flush batch is pending it
-// flushes; while twice that is pending it waits for the flush, which
-// bounds what a crash can lose.
+// has the flusher flush, so that the caller goes on copying meanwhile;
+// while twice that is pending it flushes itself and waits, which bounds
+// what a crash can lose.
 func (v *Volume) MarkPresent(i, j int64) error {
 	v.mu.Lock()
 	if v.closed {
@@ -378,10 +410,34 @@ func (v *Volume) MarkPresent(i, j int64) error {
 	case p >= 2*v.flushAt:
 		return v.Sync()
 	case p >= v.flushAt:
-		if v.flushMu.TryLock() {
-			v.flushMu.Unlock()
-			return v.Sync()
+		select {
+		case v.kick <- struct{}{}:
+		default: // already asked
 		}
+	}
+	return nil
+}
+
+// MarkHoles sets the bits of granules [i, j), which the caller has made
+// holes (Zero). Unlike MarkPresent it never flushes at once: losing these
+// bits in a crash costs no fetch, so they go with the next flush (the
+// flusher's, within the flush interval).
+func (v *Volume) MarkHoles(i, j int64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return fmt.Errorf("volume %s: %w", v.target, os.ErrClosed)
+	}
+	set := false
+	for k := i; k < j; k++ {
+		if !v.has(k) {
+			v.present[k>>6] |= 1 << (k & 63)
+			v.count++
+			set = true
+		}
+	}
+	if set {
+		v.pending++ // makes the flusher write them
 	}
 	return nil
 }
@@ -443,6 +499,9 @@ func (v *Volume) SetComplete() error {
 	}
 	v.complete = true
 	v.mu.Unlock()
+	if v.df != nil {
+		_ = unix.Fadvise(int(v.f.Fd()), 0, 0, unix.FADV_NORMAL) // readahead again: no fill races it now
+	}
 	return v.Sync()
 }
 
@@ -487,12 +546,34 @@ func (v *Volume) WriteData(p []byte, off int64) error {
 		if zero {
 			err = v.Zero(off, int64(n))
 		} else {
-			err = v.WriteAt(p[:n], off)
+			err = v.writeFill(p[:n], off)
 		}
 		if err != nil {
 			return err
 		}
 		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// directAlign is the alignment of memory, offset and length that an
+// O_DIRECT write needs (4096 covers 512-byte and 4 KiB logical blocks).
+const directAlign = 4096
+
+// writeFill writes fill data: through the O_DIRECT descriptor when p and
+// off are aligned (the hydration buffers are), else buffered. The bits
+// still wait for Sync's fdatasync, which also flushes the device's cache.
+func (v *Volume) writeFill(p []byte, off int64) error {
+	if v.df == nil || v.noDirect.Load() || len(p) == 0 || len(p)%directAlign != 0 || off%directAlign != 0 ||
+		uintptr(unsafe.Pointer(&p[0]))%directAlign != 0 {
+		return v.WriteAt(p, off)
+	}
+	if _, err := v.df.WriteAt(p, off); err != nil {
+		if errors.Is(err, unix.EINVAL) {
+			v.noDirect.Store(true) // the filesystem wants another alignment, or none
+			return v.WriteAt(p, off)
+		}
+		return fmt.Errorf("volume %s: write of %d bytes at %d: %w", v.target, len(p), off, err)
 	}
 	return nil
 }
@@ -613,6 +694,9 @@ func (v *Volume) Close() error {
 	v.mu.Lock()
 	v.closed = true
 	v.mu.Unlock()
+	if v.df != nil {
+		v.df.Close()
+	}
 	if cerr := v.f.Close(); err == nil && cerr != nil {
 		err = fmt.Errorf("volume %s: %w", v.target, cerr)
 	}

@@ -1,12 +1,14 @@
 package cache
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 func testSource() VolumeSource {
@@ -101,7 +103,8 @@ func TestVolumeUnflushedBitsNotTrusted(t *testing.T) {
 	if st.bitmap[0] != 3 {
 		t.Fatalf("flushed bitmap %x, want 03", st.bitmap[0])
 	}
-	// A batch of FlushBytes makes MarkPresent flush by itself.
+	// A batch of FlushBytes makes MarkPresent have the flusher flush (at
+	// once, not at the next tick); twice that, MarkPresent flushes itself.
 	v2, err := OpenVolume(filepath.Join(dir, "b.raw"), testSource(), VolumeOptions{FlushInterval: time.Hour, FlushBytes: 128 << 10})
 	if err != nil {
 		t.Fatal(err)
@@ -109,9 +112,18 @@ func TestVolumeUnflushedBitsNotTrusted(t *testing.T) {
 	defer v2.Close()
 	v2.MarkPresent(0, 1)
 	v2.MarkPresent(1, 2)
-	st, _ = readState(StatePathFor(filepath.Join(dir, "b.raw")))
-	if st.bitmap[0] != 3 {
-		t.Fatalf("batch not flushed: %x", st.bitmap[0])
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st, _ = readState(StatePathFor(filepath.Join(dir, "b.raw")))
+		if st.bitmap[0] == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("batch not flushed: %x", st.bitmap[0])
+		}
+	}
+	v2.MarkPresent(2, 6) // 4 granules: twice the batch, flushed before it returns
+	if st, _ = readState(StatePathFor(filepath.Join(dir, "b.raw"))); st.bitmap[0] != 0x3f {
+		t.Fatalf("a double batch not flushed by MarkPresent: %x", st.bitmap[0])
 	}
 }
 
@@ -200,5 +212,85 @@ func TestVolumeWriteDataSparse(t *testing.T) {
 	}
 	if d, err := v.SeekData(0); err != nil || d != 4096 {
 		t.Fatalf("SeekData %d %v", d, err)
+	}
+}
+
+// A full batch is flushed by the flusher at once, not at the next tick;
+// hole bits wait for the tick (losing them costs no fetch).
+func TestVolumeBatchFlushAndHoles(t *testing.T) {
+	target := filepath.Join(t.TempDir(), "vol.raw")
+	v, err := OpenVolume(target, testSource(), VolumeOptions{FlushBytes: 128 << 10, FlushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	present := func() int64 {
+		st, err := ReadVolumeState(StatePathFor(target))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.PresentBytes
+	}
+	if err := v.Zero(0, 10<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.MarkHoles(0, 100); err != nil {
+		t.Fatal(err)
+	}
+	if got := present(); got != 0 {
+		t.Fatalf("hole bits flushed at once: %d bytes present in the state file", got)
+	}
+	data := make([]byte, 128<<10)
+	for i := range data {
+		data[i] = byte(i) | 1
+	}
+	if err := v.WriteData(data, 100*64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.MarkPresent(100, 102); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for present() != 102*64<<10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("a full batch was not flushed within 10 s (flush interval 1 h): %d bytes present in the state file", present())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A fill written around the page cache (aligned: O_DIRECT) is what a
+// buffered read sees, even when that read cached the range before.
+func TestVolumeDirectFillCoherent(t *testing.T) {
+	target := filepath.Join(t.TempDir(), "vol.raw")
+	v, err := OpenVolume(target, testSource(), VolumeOptions{FlushInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	got := make([]byte, 1<<20)
+	if _, err := v.ReadAt(got, 1<<20); err != nil { // caches zero pages
+		t.Fatal(err)
+	}
+	// An aligned buffer, as hydration's are.
+	raw := make([]byte, 1<<20+directAlign)
+	skip := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))%directAlign)) % directAlign
+	data := raw[skip : skip+1<<20]
+	for i := range data {
+		data[i] = byte(i*7) | 1
+	}
+	if err := v.WriteData(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.ReadAt(got, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("a buffered read after an aligned fill returns stale bytes")
+	}
+	if v.df == nil {
+		t.Log("the filesystem of the test directory refuses O_DIRECT: the fill was buffered")
+	} else if v.noDirect.Load() {
+		t.Fatal("the aligned fill fell back to a buffered write")
 	}
 }

@@ -36,7 +36,6 @@ type Local struct {
 	writable bool
 
 	locks  [lockStripes]sync.Mutex
-	bufs   sync.Pool    // of *[]byte: hydration's read buffers
 	demand atomic.Int32 // demand fills under way; hydration yields to them
 	// lastDemand is when the last demand fill ended (UnixNano): while
 	// demand is recent, hydration keeps one read in flight, not Workers.
@@ -60,7 +59,6 @@ func NewLocal(d *Disk, vol *cache.Volume, writable bool) (*Local, error) {
 		return nil, fmt.Errorf("disk: volume %s of %d bytes for a %d-byte image", vol.Target(), vol.Size(), d.Size())
 	}
 	l := &Local{d: d, vol: vol, vsize: vsize, g: vol.Granularity(), writable: writable}
-	l.bufs.New = func() any { return new([]byte) }
 	l.local.Store(vol.Complete())
 	return l, nil
 }
@@ -192,26 +190,87 @@ func (l *Local) fetchInto(ctx context.Context, read func(context.Context, []byte
 // install writes the granules of buf (guest offset lo, granule-aligned)
 // that are still missing and marks them present. With reread, granules
 // that became present meanwhile (a client wrote them) are read back into
-// buf, so that a reader sees the volume's bytes.
+// buf, so that a reader sees the volume's bytes. The granules are locked
+// together and each run of missing ones is written with one WriteData and
+// marked with one MarkPresent: a pwrite per granule costs the kernel more
+// than the copy does.
 func (l *Local) install(i, j int64, buf []byte, lo int64, reread bool) error {
-	for k := i; k < j; k++ {
+	unlock := l.lockRange(i, j)
+	defer unlock()
+	for k := i; k < j; {
 		s := k*l.g - lo
-		e := min(s+l.g, int64(len(buf)))
-		m := l.lock(k)
-		var err error
-		if !l.vol.Present(k) {
-			if err = l.vol.WriteData(buf[s:e], lo+s); err == nil {
-				err = l.vol.MarkPresent(k, k+1)
+		if l.vol.Present(k) {
+			e := k + 1
+			for e < j && l.vol.Present(e) {
+				e++
 			}
-		} else if reread {
-			_, err = l.vol.ReadAt(buf[s:e], lo+s)
+			if reread {
+				if _, err := l.vol.ReadAt(buf[s:min(e*l.g-lo, int64(len(buf)))], lo+s); err != nil {
+					return &TargetError{Err: err}
+				}
+			}
+			k = e
+			continue
 		}
-		m.Unlock()
+		e := k + 1
+		for e < j && !l.vol.Present(e) {
+			e++
+		}
+		err := l.vol.WriteData(buf[s:min(e*l.g-lo, int64(len(buf)))], lo+s)
+		if err == nil {
+			err = l.vol.MarkPresent(k, e)
+		}
 		if err != nil {
 			return &TargetError{Err: err}
 		}
+		k = e
 	}
 	return nil
+}
+
+// lockRange locks the granules [i, j) and returns the function that
+// unlocks them. Stripes are taken in ascending order (each once), so two
+// range lockers cannot deadlock; everyone else holds one stripe at a time.
+func (l *Local) lockRange(i, j int64) func() {
+	if j-i == 1 {
+		m := l.lock(i)
+		return m.Unlock
+	}
+	var ms []*sync.Mutex
+	if j-i >= lockStripes {
+		ms = make([]*sync.Mutex, lockStripes)
+		for s := range ms {
+			ms[s] = &l.locks[s]
+		}
+	} else {
+		// The stripes of [i, j) are s0..lockStripes-1 then 0..e0-1 when
+		// the range wraps, else s0..e0-1: in ascending order, the wrapped
+		// part first.
+		s0, e0 := i%lockStripes, j%lockStripes
+		if e0 == 0 {
+			e0 = lockStripes
+		}
+		if s0 < e0 {
+			for s := s0; s < e0; s++ {
+				ms = append(ms, &l.locks[s])
+			}
+		} else {
+			for s := int64(0); s < e0; s++ {
+				ms = append(ms, &l.locks[s])
+			}
+			for s := s0; s < lockStripes; s++ {
+				ms = append(ms, &l.locks[s])
+			}
+		}
+	}
+	for _, m := range ms {
+		m.Lock()
+	}
+	return func() {
+		for _, m := range ms {
+			m.Unlock()
+		}
+	}
 }
 
 // TargetError is a failure to write or sync the local volume (such as a

@@ -95,10 +95,30 @@ type Options struct {
 	IdleClose time.Duration
 	// Debug logs every FUSE request (go-fuse's debug output).
 	Debug bool
+	// Fixed, when set, makes New's key one file served by a given device
+	// without the store: no listing, no probe and no open of the object,
+	// so that a complete local volume is served with its bucket gone.
+	Fixed *FixedFile
 	// Writable mounts read-write: the files of writable devices
 	// (Device.ReadOnly false) take writes, fsync and fallocate (mode
 	// WritableFileMode); the others still refuse writes with EROFS.
 	Writable bool
+}
+
+// FixedFile is the one file of a mount that does not use the store
+// (Options.Fixed), such as a local volume.
+type FixedFile struct {
+	// Device serves the file, whose size is the device's (a local
+	// volume may be larger than the image). The FS calls its Close when
+	// the file is idle; give a device whose Close does nothing when its
+	// owner closes it.
+	Device disk.Device
+	// ETag is the object version the device holds (XattrETag).
+	ETag string
+	// Allocated is the XattrAllocated value and the statfs usage.
+	Allocated int64
+	// ModTime is the file's modification time.
+	ModTime time.Time
 }
 
 // FS is the file system tree of one mount: a store and a prefix (or one
@@ -225,7 +245,12 @@ func New(ctx context.Context, st objstore.Store, key string, opts Options) (*FS,
 		f.log = slog.Default()
 	}
 	f.root = &dirNode{f: f, path: ""}
-	if key != "" && !strings.HasSuffix(key, "/") {
+	if opts.Fixed != nil {
+		if key == "" || strings.HasSuffix(key, "/") {
+			return nil, fmt.Errorf("%s: a fixed file needs an object key, not a prefix", st.URL(key))
+		}
+		f.single = true
+	} else if key != "" && !strings.HasSuffix(key, "/") {
 		_, err := st.Stat(ctx, key)
 		switch {
 		case err == nil:
@@ -331,6 +356,9 @@ func (f *FS) Refresh(ctx context.Context) error {
 
 // list returns the objects to show, in key order.
 func (f *FS) list(ctx context.Context) ([]objstore.ObjectInfo, error) {
+	if fx := f.opts.Fixed; fx != nil {
+		return []objstore.ObjectInfo{{Key: f.prefix, Size: fx.Device.Size(), ETag: fx.ETag, LastModified: fx.ModTime}}, nil
+	}
 	if f.single {
 		info, err := f.st.Stat(ctx, f.prefix)
 		if errors.Is(err, objstore.ErrNotFound) {
@@ -409,8 +437,12 @@ func (f *FS) probeAll(ctx context.Context, infos []objstore.ObjectInfo) map[stri
 }
 
 // probe opens one object as a QCOW2 image (pinned to the ETag it has now)
-// and walks its mapping for the allocated bytes.
+// and walks its mapping for the allocated bytes; a fixed file is described
+// by its Options.Fixed alone.
 func (f *FS) probe(ctx context.Context, in objstore.ObjectInfo) probeResult {
+	if fx := f.opts.Fixed; fx != nil {
+		return probeResult{kind: probeImage, info: in, size: fx.Device.Size(), alloc: fx.Allocated}
+	}
 	url := f.st.URL(in.Key)
 	p := objstore.WithPinning(f.st)
 	info, err := p.Stat(ctx, in.Key)
@@ -877,6 +909,9 @@ func (f *FS) isClosed() bool {
 func (f *FS) openDevice(ctx context.Context, o *object) (disk.Device, error) {
 	if f.isClosed() {
 		return nil, errors.New("file system closed")
+	}
+	if fx := f.opts.Fixed; fx != nil {
+		return fx.Device, nil
 	}
 	if o.format == "raw" {
 		return &rawDevice{st: f.st, key: o.key, etag: o.etag, size: o.size}, nil

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -39,6 +40,7 @@ func importCommand() *cli.Command {
 			&cli.StringFlag{Name: "bandwidth", Usage: "cap the background copy at `RATE` bytes per second (e.g. 50MiB)"},
 			&cli.IntFlag{Name: "jobs", Aliases: []string{"j"}, Value: disk.DefaultHydrateWorkers, Usage: "reads in flight"},
 			&cli.StringFlag{Name: "chunk", Value: "8MiB", Usage: "guest bytes per read"},
+			&cli.StringFlag{Name: "metrics", Usage: "serve Prometheus metrics and Go's profiler at http://`ADDR`/"},
 			&cli.BoolFlag{Name: "progress", Usage: "show a progress bar (default: when stderr is a terminal)"},
 			&cli.StringFlag{Name: "flush-batch", Hidden: true, Usage: "newly local bytes that make the state file be written (default 32MiB; also every second)"},
 		)...),
@@ -82,6 +84,13 @@ func runImport(c *cli.Context) error {
 		return err
 	}
 	defer v.Close()
+	if addr := c.String("metrics"); addr != "" {
+		// The store's counters; hydration reads the image directly, not
+		// through the Disk's counters.
+		if err := serveMetrics(addr, &devices{stats: &disk.Stats{}, metrics: metrics}); err != nil {
+			return err
+		}
+	}
 	vol := v.dev.Volume()
 	if vol.Complete() && serve == "" {
 		fmt.Fprintf(os.Stderr, "snapfs: %s is already complete (%s)\n", target, st.URL(key))
@@ -164,18 +173,37 @@ func importFUSE(c *cli.Context, st objstore.Store, key string, v *localVolume, h
 }
 
 // mountVolume mounts the volume's device at dir, as a directory holding
-// the image's raw file (named as snapfs mount names it).
+// the image's raw file (named as snapfs mount names it). The file is the
+// device itself, of the volume's size: the mount lists nothing, so that a
+// complete volume is served with the bucket gone.
 func mountVolume(c *cli.Context, st objstore.Store, key string, v *localVolume, dir string) (*fs.Mount, error) {
+	vol := v.dev.Volume()
+	fixed := &fs.FixedFile{Device: sharedDevice{v.dev}, ETag: vol.Source().ETag, Allocated: vol.Size()}
+	if fi, err := os.Stat(vol.StatePath()); err == nil {
+		fixed.ModTime = fi.ModTime()
+	}
+	if v.im != nil {
+		fixed.ModTime = v.info.LastModified
+		if ext, err := v.im.Map(c.Context, 0, v.im.Size()); err == nil {
+			fixed.Allocated = 0
+			for _, e := range ext {
+				if e.Kind == qcow2.Data || e.Kind == qcow2.Compressed {
+					fixed.Allocated += e.Length
+				}
+			}
+		}
+	} else if fi, err := os.Stat(vol.Target()); err == nil {
+		if sys, ok := fi.Sys().(*syscall.Stat_t); ok && !vol.BlockDevice() {
+			fixed.Allocated = min(sys.Blocks*512, vol.Size())
+		}
+	}
 	opts := fs.Options{
 		UID:      uint32(os.Getuid()),
 		GID:      uint32(os.Getgid()),
 		ListTTL:  -1,
 		Logger:   slog.Default(),
 		Writable: !v.dev.ReadOnly(),
-		OpenDevice: func(_ context.Context, im *qcow2.Image) (disk.Device, error) {
-			im.Close() // the volume has its own
-			return sharedDevice{v.dev}, nil
-		},
+		Fixed:    fixed,
 	}
 	fsys, err := fs.New(c.Context, st, key, opts)
 	if err != nil {
@@ -186,6 +214,6 @@ func mountVolume(c *cli.Context, st objstore.Store, key string, v *localVolume, 
 		fsys.Close()
 		return nil, err
 	}
-	slog.Info("mounted", "source", st.URL(key), "volume", v.dev.Volume().Target(), "mountpoint", m.Dir())
+	slog.Info("mounted", "source", st.URL(key), "volume", vol.Target(), "mountpoint", m.Dir())
 	return m, nil
 }

@@ -313,13 +313,27 @@ func startProxy(t *testing.T, target string) *countingProxy {
 				}
 				defer s.Close()
 				go func() { io.Copy(s, c); s.(*net.TCPConn).CloseWrite() }()
-				n, _ := io.Copy(c, s)
-				p.down.Add(n)
+				// Counted as read from MinIO, before the client can have
+				// it: a count taken once the copy ends would miss the
+				// connections MinIO keeps open after the client exits.
+				io.Copy(c, countingReader{s, &p.down})
 			}()
 		}
 	}()
 	t.Cleanup(func() { l.Close() })
 	return p
+}
+
+// countingReader adds the bytes it reads to n.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // proxyEnv is env with the S3 endpoint replaced by the proxy's.
@@ -604,6 +618,59 @@ func TestImportServe(t *testing.T) {
 		}
 		if st, code := volumeStatus(t, target); code != 3 || st["modified"] != true {
 			t.Errorf("status after mount --volume: exit %d, %v (want not complete: no background pass; modified)", code, st)
+		}
+	})
+
+	// A complete volume, larger than the image (--size), mounted through
+	// FUSE with MinIO stopped: the file is the device (the volume's size,
+	// the extra reading as zeros) and needs no listing of the bucket, both
+	// with mount --volume and with import --serve fuse.
+	t.Run("fuse-complete-volume", func(t *testing.T) {
+		fuseNeed(t)
+		if !m.Running() {
+			m.Start(t)
+		}
+		im, want := serveSetup(t, m, "fcomp.qcow2", 16)
+		const size = 40 << 20
+		want = append(want, make([]byte, size-len(want))...)
+		target := filepath.Join(t.TempDir(), "fcomp.raw")
+		if res := runCLI(t, cliRun{args: []string{"import", "--size", "40MiB", im.url, target}, env: m.Env()}); res.code != 0 {
+			t.Fatalf("import --size: %s", res)
+		}
+		m.Stop()
+		defer m.Start(t)
+		for _, args := range [][]string{
+			{"mount", "--retries", "1", "--volume", target, im.url},
+			{"import", "--retries", "1", "--serve", "fuse", "--mountpoint"},
+		} {
+			mnt := t.TempDir()
+			if args[0] == "mount" {
+				args = append(args, mnt)
+			} else {
+				args = append(args, mnt, im.url, target)
+			}
+			p := fuseMount(t, m.Env(), mnt, args...)
+			file := filepath.Join(mnt, "fcomp.raw")
+			fuseDeadline(t, time.Minute, "read of the complete volume", func() {
+				fi, err := os.Stat(file)
+				if err != nil {
+					t.Fatalf("%s: %v", args[0], err)
+				}
+				if fi.Size() != size {
+					t.Errorf("%s: the file is %d bytes, want the volume's %d", args[0], fi.Size(), size)
+				}
+				got, err := os.ReadFile(file)
+				if err != nil {
+					t.Fatalf("%s: %v", args[0], err)
+				}
+				if d := firstDiff(got, want); d != "" || len(got) != len(want) {
+					t.Fatalf("%s: content of the complete volume with MinIO stopped differs: %s", args[0], d)
+				}
+			})
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			if code := p.wait(t, 20*time.Second); code != 0 {
+				t.Errorf("%s exits %d on SIGTERM:\n%s", args[0], code, p.stderr)
+			}
 		}
 	})
 
