@@ -10,6 +10,7 @@ import (
 	"slices"
 	"sync/atomic"
 
+	"github.com/snapfs/snapfs/internal/bufpool"
 	"github.com/snapfs/snapfs/qcow2"
 )
 
@@ -32,7 +33,7 @@ type flight struct {
 
 func (d *Disk) release(f *flight) {
 	if f.refs.Add(-1) == 0 && f.buf != nil {
-		putBuf(f.buf)
+		bufpool.Put(f.buf)
 		f.buf = nil
 	}
 }
@@ -535,7 +536,7 @@ func (d *Disk) fetch(f *flight) error {
 	d.stats.InFlight.Add(1)
 	defer d.stats.InFlight.Add(-1)
 	d.stats.Fetches.Add(1)
-	bp := getBuf(int(f.len))
+	bp := bufpool.Get(int(f.len))
 	n, err := d.im.ReadAtContext(d.ctx, *bp, f.off)
 	if int64(n) == f.len && err == io.EOF {
 		err = nil
@@ -544,7 +545,7 @@ func (d *Disk) fetch(f *flight) error {
 		err = io.ErrUnexpectedEOF
 	}
 	if err != nil {
-		putBuf(bp)
+		bufpool.Put(bp)
 		return err
 	}
 	f.buf = bp
