@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/internal/bufpool"
 	"github.com/snapfs/snapfs/objstore"
 	"github.com/snapfs/snapfs/qcow2"
 	"github.com/snapfs/snapfs/tests/harness"
@@ -222,8 +223,8 @@ func BenchmarkSequential(b *testing.B) {
 				eg.SetLimit(16)
 				for off := int64(0); off < benchSize; off += 8 * mib {
 					eg.Go(func() error {
-						p := getBuf(8 * mib)
-						defer putBuf(p)
+						p := bufpool.Get(8 * mib)
+						defer bufpool.Put(p)
 						_, err := st.ReadAt(context.Background(), e.key, *p, off, objstore.ReadOptions{})
 						return err
 					})

@@ -596,3 +596,111 @@ func TestCopierLargeFetches(t *testing.T) {
 		t.Errorf("%d fetches, %d of them under half a region, for %d regions of data", len(r), small, regions)
 	}
 }
+
+// A random read that lands near the one before it is not yet a stream:
+// its miss fetches MinFetch, with no read-ahead; a third request near
+// them confirms the stream.
+func TestNearbyRandomReadNotStream(t *testing.T) {
+	f := &fakeImage{size: 1 << 30, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{MinFetch: 256 << 10})
+	p := make([]byte, 4096)
+	read := func(off int64) {
+		t.Helper()
+		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+			t.Fatal(err)
+		}
+		checkPattern(t, f, p, off)
+		settle(d)
+	}
+	base := int64(10 * mib)
+	read(base + 200<<10)
+	read(base + 300<<10) // 96 KiB past the first request's end: within reach
+	r := f.takeReads()
+	want := [][2]int64{{base, 256 << 10}, {base + 256<<10, 256 << 10}}
+	if !slices.Equal(r, want) || d.stats.ReadaheadBytes.Load() != 0 {
+		t.Fatalf("reads %v, read ahead %d bytes; want %v and none", r, d.stats.ReadaheadBytes.Load(), want)
+	}
+	read(base + 520<<10) // the third: a stream, read ahead
+	var n int64
+	for _, x := range f.takeReads() {
+		n += x[1]
+	}
+	if n <= 256<<10 || d.stats.ReadaheadBytes.Load() == 0 {
+		t.Fatalf("third read: %d bytes fetched, %d read ahead; want more than MinFetch, read ahead", n, d.stats.ReadaheadBytes.Load())
+	}
+}
+
+// Random misses fetch the MinFetch range around them while the store is
+// idle, and only their own blocks while at least half of the fetch slots
+// are taken (a deep random reader: every GET's bytes then delay the
+// others).
+func TestCongestedRandomFetchesBlocks(t *testing.T) {
+	const bs, minFetch = 64 << 10, 256 << 10
+	f := &fakeImage{size: 4 << 30, cluster: bs, latency: 20 * time.Millisecond}
+	d := fakeDisk(t, f, Options{MinFetch: minFetch, MaxInFlight: 8})
+	var mu sync.Mutex
+	rng := uint64(7)
+	next := func() int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		rng = rng*6364136223846793005 + 1442695040888963407
+		return int64(rng>>34) % f.size &^ 4095
+	}
+	read := func(off int64) error {
+		p := make([]byte, 4096)
+		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+			return err
+		}
+		for i := range p {
+			if p[i] != pattern(off+int64(i)) {
+				return fmt.Errorf("byte %d: %#x, want %#x", off+int64(i), p[i], pattern(off+int64(i)))
+			}
+		}
+		return nil
+	}
+
+	// One reader: one request in flight, MinFetch-aligned fetches.
+	for range 20 {
+		if err := read(next()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle(d)
+	for _, r := range f.takeReads() {
+		if r[1] != minFetch || r[0]%minFetch != 0 {
+			t.Fatalf("lone reader: fetch %v, want %d aligned bytes", r, minFetch)
+		}
+	}
+
+	// Eight readers keep the eight fetch slots busy.
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 15 {
+				if err := read(next()); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	settle(d)
+	reads := f.takeReads()
+	var blocks int
+	for _, r := range reads {
+		if r[1] == bs {
+			blocks++
+		}
+	}
+	if len(reads) < 100 || 2*blocks < len(reads) {
+		t.Fatalf("8 readers: %d of %d fetches were one block; want at least half", blocks, len(reads))
+	}
+}

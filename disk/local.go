@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/internal/bufpool"
 )
 
 // lockStripes is the number of granule locks; granule i uses lock
@@ -143,7 +144,7 @@ func (l *Local) demandFill(ctx context.Context, i, j int64, p []byte, off int64)
 	if err != nil {
 		return err
 	}
-	defer putBuf(bp)
+	defer bufpool.Put(bp)
 	if err := l.install(i, j, *bp, lo, true); err != nil {
 		return err
 	}
@@ -162,9 +163,9 @@ func (l *Local) demandEnd() {
 // pooled buffer, which the caller gives back with putBuf.
 func (l *Local) fetch(ctx context.Context, i, j int64) (*[]byte, int64, error) {
 	lo, hi := i*l.g, min(j*l.g, l.vol.Size())
-	bp := getBuf(int(hi - lo))
+	bp := bufpool.Get(int(hi - lo))
 	if _, _, err := l.fetchInto(ctx, l.d.ReadAt, *bp, lo); err != nil {
-		putBuf(bp)
+		bufpool.Put(bp)
 		return nil, 0, err
 	}
 	return bp, lo, nil
@@ -329,7 +330,7 @@ func (l *Local) modifyLocked(ctx context.Context, k, gs, ge, s, e int64, op func
 			return err
 		}
 		err = l.vol.WriteData(*bp, lo)
-		putBuf(bp)
+		bufpool.Put(bp)
 		if err != nil {
 			return err
 		}
@@ -456,7 +457,7 @@ func (l *Local) Prefetch(ctx context.Context, off, n int64) error {
 		bp, lo, err := l.fetch(ctx, i, j)
 		if err == nil {
 			err = l.install(i, j, *bp, lo, false)
-			putBuf(bp)
+			bufpool.Put(bp)
 		}
 		l.demandEnd()
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/snapfs/snapfs/cache"
+	"github.com/snapfs/snapfs/internal/bufpool"
 	"github.com/snapfs/snapfs/internal/zeros"
 )
 
@@ -280,7 +281,7 @@ func TestLocalFillNeverOverwritesWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer putBuf(bp)
+	defer bufpool.Put(bp)
 	buf := *bp
 	w := bytes.Repeat([]byte{0x99}, 100)
 	if _, err := l.WriteAt(ctx, w, 3*65536+10); err != nil {

@@ -12,6 +12,7 @@ type stream struct {
 	ahead  int64  // end of what was fetched for it, or is being fetched
 	window int64  // current fetch window
 	used   uint64 // clock of the last request, for replacement
+	joined bool   // a request other than the first has come within reach
 }
 
 // streamTable detects sequential readers: a request that starts at (or
@@ -43,7 +44,9 @@ func (t *streamTable) init(minFetch int64) { t.minFetch = minFetch }
 // A request starting within reach of a stream's end belongs to it: reach
 // is the stream's window, at least tol and MinFetch, so that the
 // requests of a parallel copier, which arrive a few apart and out of
-// order, stay in their stream. A request
+// order, stay in their stream. The second request of a stream only
+// confirms it (no hint): random readers often land near an earlier
+// request by chance. A request
 // ending past the stream's end continues it (seq) and moves the end; one
 // behind it is near. Any other request starts a new stream in the least
 // recently used slot.
@@ -69,6 +72,14 @@ func (t *streamTable) note(off, end, tol int64) hint {
 	if best >= 0 {
 		s := &t.s[best]
 		s.used = t.clock
+		if !s.joined {
+			// One request near another is as likely a random reader's
+			// chance as a stream: a stream is taken as one, with windows
+			// and read-ahead of whole regions, from its third request.
+			s.joined = true
+			s.next = max(s.next, end)
+			return hint{slot: best, gen: s.gen}
+		}
 		if end <= s.next {
 			return hint{slot: best, gen: s.gen, near: true}
 		}

@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"time"
+
+	"github.com/snapfs/snapfs/internal/bufpool"
 )
 
 var be = binary.BigEndian
@@ -98,18 +100,18 @@ func (c *conn) haggle() error {
 			}
 			continue
 		}
-		bp := getBuf(int(n))
+		bp := bufpool.Get(int(n))
 		data := *bp
 		_, err := io.ReadFull(c.br, data)
 		if err == nil {
 			var done bool
 			done, err = c.option(opt, data)
 			if err == nil && done {
-				putBuf(bp)
+				bufpool.Put(bp)
 				return nil
 			}
 		}
-		putBuf(bp)
+		bufpool.Put(bp)
 		if err != nil {
 			return err
 		}

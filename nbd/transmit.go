@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/snapfs/snapfs/disk"
+	"github.com/snapfs/snapfs/internal/bufpool"
 )
 
 // request is one transmission request, owned by its worker goroutine.
@@ -142,7 +143,7 @@ func (c *conn) admit(r *request) bool {
 		r.held = n
 	}
 	if r.typ == cmdWrite {
-		r.buf = getBuf(int(r.length))
+		r.buf = bufpool.Get(int(r.length))
 		if _, err := io.ReadFull(c.br, *r.buf); err != nil {
 			c.readFailed(err)
 			c.release(r)
@@ -156,7 +157,7 @@ func (c *conn) admit(r *request) bool {
 // release frees what r holds, once it was answered.
 func (c *conn) release(r *request) {
 	if r.buf != nil {
-		putBuf(r.buf)
+		bufpool.Put(r.buf)
 		r.buf = nil
 	}
 	if r.held > 0 {
@@ -369,8 +370,8 @@ func (c *conn) read(r *request) {
 	dev := c.export.Device
 	off := int64(r.off)
 	n := int64(r.length)
-	bp := getBuf(int(n))
-	defer putBuf(bp)
+	bp := bufpool.Get(int(n))
+	defer bufpool.Put(bp)
 	buf := *bp
 
 	readAt := func(ctx context.Context, p []byte, at int64) error {

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/snapfs/snapfs/internal/bufpool"
 	"github.com/snapfs/snapfs/objstore"
 )
 
@@ -543,7 +544,9 @@ func (im *Image) execute(ctx context.Context, pl *readPlan) error {
 // decompresses them, in parallel when there are several.
 func (im *Image) readCompressed(ctx context.Context, g compGroup) error {
 	end := min(g.end, im.obj.Size)
-	buf := make([]byte, end-g.start)
+	bp := bufpool.Get(int(end - g.start))
+	defer bufpool.Put(bp)
+	buf := *bp
 	if err := im.readFull(ctx, im.key, buf, g.start); err != nil {
 		return &Error{URL: im.url, Offset: g.items[0].guest, Err: err}
 	}

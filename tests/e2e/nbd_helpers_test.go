@@ -802,16 +802,7 @@ func (p *serveProc) metricsURL(t *testing.T) string {
 // scrapeMetrics returns the unlabelled samples of a Prometheus text page.
 func scrapeMetrics(t *testing.T, url string) map[string]float64 {
 	t.Helper()
-	c := &http.Client{Timeout: 10 * time.Second}
-	resp, err := c.Get(url)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s, %v", url, resp.Status, err)
-	}
+	b := httpGet(t, url)
 	out := map[string]float64{}
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
@@ -829,8 +820,18 @@ func scrapeMetrics(t *testing.T, url string) map[string]float64 {
 // profiler: the goroutine dump names the NBD server's accept loop.
 func checkProfiler(t *testing.T, base string) {
 	t.Helper()
-	c := &http.Client{Timeout: 10 * time.Second}
 	url := base + "/debug/pprof/goroutine?debug=1"
+	b := httpGet(t, url)
+	if !strings.Contains(string(b), "goroutine profile:") || !strings.Contains(string(b), "snapfs/nbd.") {
+		t.Errorf("GET %s: not a goroutine profile naming the nbd package:\n%.2000s", url, b)
+	}
+}
+
+// httpGet returns the body of a GET of url, failing the test unless it
+// answers 200 within 10 s.
+func httpGet(t *testing.T, url string) []byte {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second}
 	resp, err := c.Get(url)
 	if err != nil {
 		t.Fatalf("GET %s: %v", url, err)
@@ -840,7 +841,5 @@ func checkProfiler(t *testing.T, base string) {
 	if err != nil || resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET %s: %s, %v", url, resp.Status, err)
 	}
-	if !strings.Contains(string(b), "goroutine profile:") || !strings.Contains(string(b), "snapfs/nbd.") {
-		t.Errorf("GET %s: not a goroutine profile naming the nbd package:\n%.2000s", url, b)
-	}
+	return b
 }
