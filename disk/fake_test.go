@@ -588,11 +588,13 @@ func TestCopierLargeFetches(t *testing.T) {
 	t.Logf("%d fetches (%d under half a region) of %d bytes for %d bytes of data in %d regions; cache %+v", len(r), small, fetched, data, regions, d.cache.Stats())
 	// Without the stream and kept-fetch logic: 480-640 fetches, 350-500
 	// of them small, and 588-640 MB fetched (the memory tier, full,
-	// refuses read-ahead blocks, which readers then fetch again).
-	if fetched > data+data/10 {
+	// refuses read-ahead blocks, which readers then fetch again). With
+	// it: 157-334 fetches, 32-214 small, 521-540 MB, over 24 runs two at
+	// a time (the order in which requests arrive varies with the load).
+	if fetched > data+data/12 {
 		t.Errorf("fetched %d bytes for %d bytes of data", fetched, data)
 	}
-	if len(r) > regions*2 || small > regions*3/4 {
+	if len(r) > regions*3 || small > regions*2 {
 		t.Errorf("%d fetches, %d of them under half a region, for %d regions of data", len(r), small, regions)
 	}
 }
