@@ -496,6 +496,18 @@ func (d *Disk) unkeep(f *flight) {
 		d.keptBytes -= f.len
 		d.keep.give(f.len)
 	}
+	// The reader that copied the last bytes should not wait for the
+	// copy into the memory tier: retire in the background (tracked by
+	// d.wg, which Close waits for, unless Close is already under way).
+	if !d.closed.Load() {
+		d.wg.Add(1)
+		d.mu.Unlock()
+		go func() {
+			defer d.wg.Done()
+			d.retire(f)
+		}()
+		return
+	}
 	d.mu.Unlock()
 	d.retire(f)
 }
