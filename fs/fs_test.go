@@ -547,10 +547,18 @@ func TestRefresh(t *testing.T) {
 	if got := readAll(t, filepath.Join(mnt, "a.raw")); sha(got) != sha(newRef) {
 		t.Error("a.raw does not show the new version")
 	}
-	// The old handle: cached pages are the old version's...
+	// The old handle: what it reads is its own version's or fails, never
+	// the new version's. Its first 4 MiB are usually still in the page
+	// cache, but the kernel may drop them (CI once read them with EIO), so
+	// a hit is not asserted.
 	buf := make([]byte, 4<<20)
-	if _, err := old.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, oldRef[:4<<20]) {
-		t.Errorf("the open file no longer reads its version's cached content (%v)", err)
+	switch _, err := old.ReadAt(buf, 0); {
+	case errors.Is(err, syscall.EIO):
+		t.Logf("the old version's first 4 MiB were no longer cached: %v", err)
+	case err != nil:
+		t.Errorf("reading the old version's first 4 MiB: %v, want its content or EIO", err)
+	case !bytes.Equal(buf, oldRef[:4<<20]):
+		t.Error("the open file reads other bytes than its version's")
 	}
 	// ...and what it has to fetch fails: that version is gone.
 	_, err = old.ReadAt(buf[:64<<10], 40<<20)
