@@ -35,6 +35,7 @@ type fakeDevice struct {
 	writes, flushes, trims, zeroes, prefetch atomic.Int64
 	extents                                  atomic.Int64
 	active, maxActive                        atomic.Int64
+	activeBytes, maxActiveBytes              atomic.Int64 // of ReadAt calls
 }
 
 var _ disk.Device = (*fakeDevice)(nil)
@@ -108,6 +109,14 @@ func (d *fakeDevice) ReadOnly() bool { return d.ro }
 func (d *fakeDevice) Close() error   { return nil }
 
 func (d *fakeDevice) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
+	n := d.activeBytes.Add(int64(len(p)))
+	defer d.activeBytes.Add(-int64(len(p)))
+	for {
+		m := d.maxActiveBytes.Load()
+		if n <= m || d.maxActiveBytes.CompareAndSwap(m, n) {
+			break
+		}
+	}
 	defer d.enter(ctx)()
 	if d.panicRead.Load() {
 		panic("fake: injected panic")

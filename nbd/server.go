@@ -107,6 +107,10 @@ type Server struct {
 	// once (reads and writes in flight). Default 4 × MaxRequest; never
 	// less than MaxRequest.
 	MaxInFlightBytes int64
+	// MaxTotalBytes bounds the payload buffers of all connections
+	// together, so that the memory a server holds does not grow with the
+	// number of clients. Default 32 MiB; never less than MaxRequest.
+	MaxTotalBytes int64
 	// HandshakeTimeout bounds the wait for each option and the TLS
 	// handshake during negotiation. Default 30 s.
 	HandshakeTimeout time.Duration
@@ -118,6 +122,9 @@ type Server struct {
 
 	// Logger gets connection and failure logs; slog.Default() if nil.
 	Logger *slog.Logger
+
+	totalOnce sync.Once
+	total     *semaphore.Weighted // MaxTotalBytes
 
 	mu        sync.Mutex
 	listeners map[*net.Listener]struct{}
@@ -156,6 +163,18 @@ func (s *Server) maxInFlightBytes() int64 {
 		n = 4 * int64(s.maxRequest())
 	}
 	return max(n, int64(s.maxRequest()))
+}
+
+// totalBytes returns the semaphore of MaxTotalBytes, made on first use.
+func (s *Server) totalBytes() *semaphore.Weighted {
+	s.totalOnce.Do(func() {
+		n := s.MaxTotalBytes
+		if n <= 0 {
+			n = defaultMaxTotalBytes
+		}
+		s.total = semaphore.NewWeighted(max(n, int64(s.maxRequest())))
+	})
+	return s.total
 }
 
 func (s *Server) handshakeTimeout() time.Duration {

@@ -461,6 +461,51 @@ func TestConcurrentRequests(t *testing.T) {
 	}
 }
 
+// TestTotalBytes: the payloads of all connections together stay within
+// MaxTotalBytes (each connection alone may hold MaxInFlightBytes), and
+// every read is still answered right.
+func TestTotalBytes(t *testing.T) {
+	t.Parallel()
+	const size = 64 << 20
+	dev := roDevice(size, 13)
+	dev.latency = 20 * time.Millisecond
+	s := newServer(t, dev)
+	s.MaxRequest = 1 << 20
+	s.MaxInFlightBytes = 32 << 20
+	s.MaxTotalBytes = 6 << 20
+	addr := serve(t, s)
+	want := dev.snapshot()
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			c := dialClient(t, addr, clientOpts{name: "disk"})
+			defer c.disconnect()
+			const n = 32
+			go func() {
+				for j := range n {
+					c.send(cmdRead, 0, uint64(j), uint64(i*n+j)<<18, 1<<20, nil)
+				}
+			}()
+			for range n {
+				r, err := c.next()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				off := uint64(i*n)<<18 + r.handle<<18
+				if r.errno != 0 || !bytes.Equal(r.data, want[off:off+1<<20]) {
+					t.Errorf("conn %d: read at %d wrong (errno %d)", i, off, r.errno)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if m := dev.maxActiveBytes.Load(); m > 6<<20 || m < 2<<20 {
+		t.Errorf("at most %d bytes read at once, want 2-6 MiB (the total budget)", m)
+	}
+}
+
 func TestManyConnections(t *testing.T) {
 	t.Parallel()
 	dev := roDevice(testSize, 11)

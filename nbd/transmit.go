@@ -140,6 +140,11 @@ func (c *conn) admit(r *request) bool {
 			c.release(r)
 			return false
 		}
+		if err := c.s.totalBytes().Acquire(c.ctx, n); err != nil {
+			c.bytes.Release(n)
+			c.release(r)
+			return false
+		}
 		r.held = n
 	}
 	if r.typ == cmdWrite {
@@ -161,6 +166,7 @@ func (c *conn) release(r *request) {
 		r.buf = nil
 	}
 	if r.held > 0 {
+		c.s.totalBytes().Release(r.held)
 		c.bytes.Release(r.held)
 		r.held = 0
 	}
