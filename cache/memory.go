@@ -272,6 +272,10 @@ func (m *Memory) Wait() {
 // Capacity returns the byte budget (whole pages).
 func (m *Memory) Capacity() int64 { return m.max }
 
+// Room returns how many bytes of values fit without evicting any (the
+// admission policy's budget less the pages held).
+func (m *Memory) Room() int64 { return max(m.policy-m.used.Load(), 0) }
+
 // Stats returns the current counters.
 func (m *Memory) Stats() MemoryStats {
 	s := MemoryStats{Hits: m.hits.Load(), Misses: m.misses.Load(), Capacity: m.max, Used: m.used.Load(), Dropped: m.dropped.Load()}

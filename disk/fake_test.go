@@ -708,3 +708,35 @@ func TestCongestedRandomFetchesBlocks(t *testing.T) {
 		t.Fatalf("8 readers: %d of %d fetches were one block; want at least half", blocks, len(reads))
 	}
 }
+
+// A sequential scan through a full memory tier does not copy what it read
+// into the tier (where it would evict blocks other readers come back to,
+// or be refused by the admission policy after the copy): read-ahead read
+// to its end goes to the tier only while it has room.
+func TestScanSkipsFullTier(t *testing.T) {
+	c, err := cache.NewMemory(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	f := &fakeImage{size: 512 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	p := make([]byte, 1*mib)
+	for off := int64(0); off < f.size; off += int64(len(p)) {
+		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
+			t.Fatal(err)
+		}
+		checkPattern(t, f, p, off)
+	}
+	settle(d)
+	d.Close() // waits for the retirements
+	st := c.Stats()
+	puts := (st.Added + st.Rejected + st.Dropped) * (64 << 10)
+	t.Logf("blocks put: %d added, %d rejected, %d dropped; %d evicted", st.Added, st.Rejected, st.Dropped, st.Evicted)
+	if puts > 2*c.Capacity() {
+		t.Errorf("%d MiB of blocks put into a %d MiB tier by a %d MiB scan", puts>>20, c.Capacity()>>20, f.size>>20)
+	}
+	if st.Added == 0 {
+		t.Error("nothing went to the tier while it had room")
+	}
+}
