@@ -107,9 +107,12 @@ type Server struct {
 	// once (reads and writes in flight). Default 4 × MaxRequest; never
 	// less than MaxRequest.
 	MaxInFlightBytes int64
-	// MaxTotalBytes bounds the payload buffers of all connections
-	// together, so that the memory a server holds does not grow with the
-	// number of clients. Default 32 MiB; never less than MaxRequest.
+	// MaxTotalBytes bounds the payload buffers that connections hold
+	// beyond one request each, all connections together, so that the
+	// memory a server holds grows with the number of clients by at most
+	// one request each. A connection with nothing in flight never waits
+	// for it: a client that stops reading its replies cannot stall the
+	// others. Default 32 MiB; never less than MaxRequest.
 	MaxTotalBytes int64
 	// HandshakeTimeout bounds the wait for each option and the TLS
 	// handshake during negotiation. Default 30 s.
@@ -124,7 +127,7 @@ type Server struct {
 	Logger *slog.Logger
 
 	totalOnce sync.Once
-	total     *semaphore.Weighted // MaxTotalBytes
+	total     *budget // MaxTotalBytes
 
 	mu        sync.Mutex
 	listeners map[*net.Listener]struct{}
@@ -165,16 +168,48 @@ func (s *Server) maxInFlightBytes() int64 {
 	return max(n, int64(s.maxRequest()))
 }
 
-// totalBytes returns the semaphore of MaxTotalBytes, made on first use.
-func (s *Server) totalBytes() *semaphore.Weighted {
+// totalBytes returns the budget of MaxTotalBytes, made on first use.
+func (s *Server) totalBytes() *budget {
 	s.totalOnce.Do(func() {
 		n := s.MaxTotalBytes
 		if n <= 0 {
 			n = defaultMaxTotalBytes
 		}
-		s.total = semaphore.NewWeighted(max(n, int64(s.maxRequest())))
+		s.total = &budget{max: max(n, int64(s.maxRequest())), wake: make(chan struct{})}
 	})
 	return s.total
+}
+
+// budget is a byte budget shared by connections. Unlike a semaphore, it
+// lets a waiter also watch for its own connection going idle (see
+// conn.takePayload): every give wakes all waiters, of which there is at
+// most one per connection.
+type budget struct {
+	mu   sync.Mutex
+	max  int64
+	used int64
+	wake chan struct{} // closed and replaced by give
+}
+
+// take reserves n bytes if they fit; otherwise it returns a channel
+// closed at the next give.
+func (b *budget) take(n int64) (bool, <-chan struct{}) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.used+n <= b.max {
+		b.used += n
+		return true, nil
+	}
+	return false, b.wake
+}
+
+// give returns n bytes (none for 0) and wakes the waiters.
+func (b *budget) give(n int64) {
+	b.mu.Lock()
+	b.used -= n
+	close(b.wake)
+	b.wake = make(chan struct{})
+	b.mu.Unlock()
 }
 
 func (s *Server) handshakeTimeout() time.Duration {
@@ -422,6 +457,7 @@ type conn struct {
 	inflight    sync.WaitGroup
 	slots       chan struct{}
 	bytes       *semaphore.Weighted
+	payloads    atomic.Int32 // requests holding a payload buffer
 
 	mu       sync.Mutex
 	stopping bool // shutdown: reads are being interrupted

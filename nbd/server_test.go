@@ -462,8 +462,8 @@ func TestConcurrentRequests(t *testing.T) {
 }
 
 // TestTotalBytes: the payloads of all connections together stay within
-// MaxTotalBytes (each connection alone may hold MaxInFlightBytes), and
-// every read is still answered right.
+// MaxTotalBytes plus one request per connection (each connection alone
+// may hold MaxInFlightBytes), and every read is still answered right.
 func TestTotalBytes(t *testing.T) {
 	t.Parallel()
 	const size = 64 << 20
@@ -501,8 +501,62 @@ func TestTotalBytes(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if m := dev.maxActiveBytes.Load(); m > 6<<20 || m < 2<<20 {
-		t.Errorf("at most %d bytes read at once, want 2-6 MiB (the total budget)", m)
+	if m := dev.maxActiveBytes.Load(); m > 6<<20+4<<20 || m < 2<<20 {
+		t.Errorf("at most %d bytes read at once, want 2-10 MiB (the total budget and a request per connection)", m)
+	}
+}
+
+// TestTotalBytesSlowReader: a client that stops reading its replies holds
+// the whole MaxTotalBytes until WriteTimeout drops it; another client is
+// still answered meanwhile (its request goes without the shared budget
+// while its connection has nothing else in flight).
+func TestTotalBytesSlowReader(t *testing.T) {
+	t.Parallel()
+	const size = 64 << 20
+	dev := roDevice(size, 14)
+	s := newServer(t, dev)
+	s.MaxRequest = 1 << 20
+	s.MaxTotalBytes = 2 << 20
+	s.WriteTimeout = time.Minute
+	addr := serve(t, s)
+	slow := dialClient(t, addr, clientOpts{name: "disk"})
+	defer slow.conn.Close()
+	go func() {
+		for i := range 200 {
+			if _, err := slow.conn.Write(header(cmdRead, 0, uint64(i), uint64(i%60)<<20, 1<<20)); err != nil {
+				return
+			}
+		}
+	}()
+	// Until the slow client's replies fill the socket buffers and its
+	// reads hold the budget.
+	full := func() bool {
+		b := s.totalBytes()
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.used == b.max
+	}
+	for deadline := time.Now().Add(20 * time.Second); !full(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the slow client never held the total budget")
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	c := dialClient(t, addr, clientOpts{name: "disk", structured: true})
+	defer c.disconnect()
+	want := dev.snapshot()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 4 {
+			off := uint64(i) << 20
+			expectRead(t, c.read(off, 1<<20), want[off:off+1<<20], off)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a well-behaved client waited for a client that does not read its replies")
 	}
 }
 

@@ -26,6 +26,7 @@ type request struct {
 
 	buf     *[]byte // WRITE payload
 	held    int64   // bytes held in conn.bytes
+	shared  bool    // held also in the server's MaxTotalBytes
 	replied bool    // a reply was started
 }
 
@@ -140,12 +141,13 @@ func (c *conn) admit(r *request) bool {
 			c.release(r)
 			return false
 		}
-		if err := c.s.totalBytes().Acquire(c.ctx, n); err != nil {
+		shared, ok := c.takePayload(n)
+		if !ok {
 			c.bytes.Release(n)
 			c.release(r)
 			return false
 		}
-		r.held = n
+		r.held, r.shared = n, shared
 	}
 	if r.typ == cmdWrite {
 		r.buf = bufpool.Get(int(r.length))
@@ -159,6 +161,30 @@ func (c *conn) admit(r *request) bool {
 	return true
 }
 
+// takePayload reserves n payload bytes of the server's MaxTotalBytes, or
+// goes without them when the connection holds no other payload (shared
+// false), so that no other client can stall this one. It waits while
+// neither holds; false when the connection stops meanwhile.
+func (c *conn) takePayload(n int64) (shared, ok bool) {
+	b := c.s.totalBytes()
+	for {
+		took, wake := b.take(n)
+		switch {
+		case took:
+			c.payloads.Add(1)
+			return true, true
+		case c.payloads.Load() == 0:
+			c.payloads.Add(1)
+			return false, true
+		}
+		select {
+		case <-wake:
+		case <-c.ctx.Done():
+			return false, false
+		}
+	}
+}
+
 // release frees what r holds, once it was answered.
 func (c *conn) release(r *request) {
 	if r.buf != nil {
@@ -166,9 +192,14 @@ func (c *conn) release(r *request) {
 		r.buf = nil
 	}
 	if r.held > 0 {
-		c.s.totalBytes().Release(r.held)
+		c.payloads.Add(-1)
+		if r.shared {
+			c.s.totalBytes().give(r.held)
+		} else {
+			c.s.totalBytes().give(0) // wakes this connection's reader if it waits
+		}
 		c.bytes.Release(r.held)
-		r.held = 0
+		r.held, r.shared = 0, false
 	}
 	<-c.slots
 	c.inflight.Done()
