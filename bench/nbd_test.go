@@ -242,9 +242,10 @@ func newNBDBench(b *testing.B) (bn *nbdBench, began time.Time, load0 string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	// The uploads leave gigabytes of MinIO's writes in the page cache; their
-	// writeback would slow whichever run comes first (BenchmarkFUSE's first
-	// cold dd ran at 0.6 x the same run at 10 ms): flush them now.
+	// The uploads leave gigabytes of MinIO's writes in the page cache:
+	// flush them now, so that their writeback is not charged to the first
+	// run. (It was not what made BenchmarkFUSE's first ext4 run slow: that
+	// row stayed at 0.54-0.69 x NBD with the sync.)
 	syscall.Sync()
 	fmt.Printf("setup done in %s; images:", time.Since(began).Round(time.Second))
 	for _, img := range bn.imgs {

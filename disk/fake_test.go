@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/snapfs/snapfs/cache"
 	"github.com/snapfs/snapfs/qcow2"
 )
@@ -297,19 +299,13 @@ func TestDenseRegionOutOfOrder(t *testing.T) {
 		j := (i * 37) % len(offs)
 		offs[i], offs[j] = offs[j], offs[i]
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, len(offs))
-	sem := make(chan struct{}, 4)
+	var eg errgroup.Group
+	eg.SetLimit(4)
 	for _, off := range offs {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
+		eg.Go(func() error {
 			p := make([]byte, req)
 			if _, err := d.ReadAt(context.Background(), p, off); err != nil {
-				errs <- err
-				return
+				return err
 			}
 			for i := range p {
 				want := pattern(off + int64(i))
@@ -317,15 +313,13 @@ func TestDenseRegionOutOfOrder(t *testing.T) {
 					want = 0
 				}
 				if p[i] != want {
-					errs <- fmt.Errorf("byte %d: %#x, want %#x", off+int64(i), p[i], want)
-					return
+					return fmt.Errorf("byte %d: %#x, want %#x", off+int64(i), p[i], want)
 				}
 			}
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	if err := eg.Wait(); err != nil {
 		t.Fatal(err)
 	}
 	settle(d)
@@ -677,23 +671,18 @@ func TestCongestedRandomFetchesBlocks(t *testing.T) {
 	}
 
 	// Eight readers keep the eight fetch slots busy.
-	var wg sync.WaitGroup
-	errs := make(chan error, 8)
+	var eg errgroup.Group
 	for range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		eg.Go(func() error {
 			for range 15 {
 				if err := read(next()); err != nil {
-					errs <- err
-					return
+					return err
 				}
 			}
-		}()
+			return nil
+		})
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	if err := eg.Wait(); err != nil {
 		t.Fatal(err)
 	}
 	settle(d)

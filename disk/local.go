@@ -160,7 +160,7 @@ func (l *Local) demandEnd() {
 }
 
 // fetch reads granules [i, j) from the image (zeros past its end) into a
-// pooled buffer, which the caller gives back with putBuf.
+// pooled buffer, which the caller gives back with bufpool.Put.
 func (l *Local) fetch(ctx context.Context, i, j int64) (*[]byte, int64, error) {
 	lo, hi := i*l.g, min(j*l.g, l.vol.Size())
 	bp := bufpool.Get(int(hi - lo))

@@ -424,19 +424,19 @@ func (d *Disk) run(f *flight) {
 	if f.keep && d.keepDone(f) {
 		return
 	}
-	// A stream's fetch its readers copied all of while it ran is read to
-	// its end, as in unkeep.
-	d.retireTo(f, !f.keep || f.used.Load() < f.len || d.hasRoom(f.len))
+	d.retire(f)
 }
 
 // retire puts f's blocks in the memory tier, then unregisters f and
-// leaves it.
-func (d *Disk) retire(f *flight) { d.retireTo(f, true) }
-
-// retireTo is retire that puts the blocks in the memory tier only if
-// cache is set.
-func (d *Disk) retireTo(f *flight, cache bool) {
-	if d.cache != nil && cache {
+// leaves it. A stream's fetch that its readers copied all of is left out
+// while the tier has no room for it without evicting: its sequential
+// reader has read those blocks once and most likely moves on, and a scan
+// should neither push out what other readers come back to nor pay for
+// copies the admission policy would refuse (the copy into the tier was
+// 37% of snapfs's CPU in a cold nbdcopy).
+func (d *Disk) retire(f *flight) {
+	readOnce := f.keep && f.used.Load() >= f.len
+	if d.cache != nil && (!readOnce || d.cache.Room() >= f.len) {
 		buf := *f.buf
 		for i := range f.n {
 			b := f.start + i
@@ -489,12 +489,7 @@ func (d *Disk) keepDone(f *flight) bool {
 	return kept
 }
 
-// unkeep retires f, if kept, now that readers copied all of it. A
-// sequential reader has read those blocks once and most likely moves on:
-// they go to the memory tier only if it has room for them without
-// evicting anything, so that a scan neither pushes out what other readers
-// come back to nor pays for copies the admission policy would refuse
-// (the copy into the tier was 37% of snapfs's CPU in a cold nbdcopy).
+// unkeep retires f, if kept, now that readers copied all of it.
 func (d *Disk) unkeep(f *flight) {
 	d.mu.Lock()
 	if !f.kept {
@@ -515,16 +510,13 @@ func (d *Disk) unkeep(f *flight) {
 		d.mu.Unlock()
 		go func() {
 			defer d.wg.Done()
-			d.retireTo(f, d.hasRoom(f.len))
+			d.retire(f)
 		}()
 		return
 	}
 	d.mu.Unlock()
-	d.retireTo(f, d.hasRoom(f.len))
+	d.retire(f)
 }
-
-// hasRoom reports whether n bytes fit in the memory tier without evicting.
-func (d *Disk) hasRoom(n int64) bool { return d.cache != nil && d.cache.Room() >= n }
 
 func (d *Disk) unregister(f *flight) {
 	d.mu.Lock()

@@ -80,14 +80,18 @@ func (d *fakeDevice) blockRange(i int) (lo, hi int64) {
 	return lo, min(lo+fakeBlock, int64(len(d.data)))
 }
 
-func (d *fakeDevice) enter(ctx context.Context) func() {
-	n := d.active.Add(1)
+// raiseMax sets m to n if n is larger.
+func raiseMax(m *atomic.Int64, n int64) {
 	for {
-		m := d.maxActive.Load()
-		if n <= m || d.maxActive.CompareAndSwap(m, n) {
-			break
+		v := m.Load()
+		if n <= v || m.CompareAndSwap(v, n) {
+			return
 		}
 	}
+}
+
+func (d *fakeDevice) enter(ctx context.Context) func() {
+	raiseMax(&d.maxActive, d.active.Add(1))
 	if d.latency > 0 {
 		select {
 		case <-time.After(d.latency):
@@ -109,14 +113,8 @@ func (d *fakeDevice) ReadOnly() bool { return d.ro }
 func (d *fakeDevice) Close() error   { return nil }
 
 func (d *fakeDevice) ReadAt(ctx context.Context, p []byte, off int64) (int, error) {
-	n := d.activeBytes.Add(int64(len(p)))
+	raiseMax(&d.maxActiveBytes, d.activeBytes.Add(int64(len(p))))
 	defer d.activeBytes.Add(-int64(len(p)))
-	for {
-		m := d.maxActiveBytes.Load()
-		if n <= m || d.maxActiveBytes.CompareAndSwap(m, n) {
-			break
-		}
-	}
 	defer d.enter(ctx)()
 	if d.panicRead.Load() {
 		panic("fake: injected panic")
