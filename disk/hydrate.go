@@ -28,7 +28,7 @@ import (
 // Defaults of HydrateOptions.
 const (
 	DefaultHydrateChunk   = 8 << 20
-	DefaultHydrateWorkers = 8
+	DefaultHydrateWorkers = 16
 	// demandQuiet is how long after a demand fill hydration keeps to one
 	// read in flight, so that a reader's next misses do not queue behind
 	// Workers large reads.

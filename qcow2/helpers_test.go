@@ -29,6 +29,8 @@ type dirStore struct {
 	dir   string
 	reads atomic.Int64
 	delay time.Duration
+	// inflight and maxInflight count concurrent ReadAt calls.
+	inflight, maxInflight atomic.Int64
 
 	mu  sync.Mutex
 	log []readRec
@@ -64,6 +66,10 @@ func (s *dirStore) ReadAt(ctx context.Context, key string, p []byte, off int64, 
 		return 0, err
 	}
 	s.reads.Add(1)
+	n := s.inflight.Add(1)
+	defer s.inflight.Add(-1)
+	for m := s.maxInflight.Load(); n > m && !s.maxInflight.CompareAndSwap(m, n); m = s.maxInflight.Load() {
+	}
 	s.mu.Lock()
 	s.log = append(s.log, readRec{key, off, len(p)})
 	s.mu.Unlock()

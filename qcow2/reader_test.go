@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand"
 	"os"
@@ -149,6 +150,57 @@ func TestL2Singleflight(t *testing.T) {
 	}
 	if n != 1 {
 		t.Fatalf("L2 table fetched %d times by 16 concurrent readers", n)
+	}
+}
+
+// TestOpenOneRead: for an image laid out by qemu-img, Open reads the
+// header and the L1 table with one read.
+func TestOpenOneRead(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "64G")
+	qio(t, dir, "img.qcow2", "qcow2", "write -P 9 63G 64k")
+	st := newDirStore(dir)
+	im, err := Open(context.Background(), st, "img.qcow2", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if log := st.resetLog(); len(log) != 1 {
+		t.Fatalf("Open took %d reads: %+v", len(log), log)
+	}
+	buf := make([]byte, 4096)
+	if _, err := im.ReadAt(buf, 63<<30); err != nil || buf[0] != 9 {
+		t.Fatalf("read at 63 GiB: %v, %d", err, buf[0])
+	}
+}
+
+// TestMapPrefetchesL2: a walk of many L2 tables reads them in parallel,
+// one round trip per batch, and still agrees with qemu-img map.
+func TestMapPrefetchesL2(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	// 4 KiB clusters: one L2 table per 2 MiB; 48 tables.
+	run(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "img.qcow2", "96M")
+	var cmds []string
+	for i := 0; i < 48; i++ {
+		cmds = append(cmds, fmt.Sprintf("write -P %d %d 4k", i+1, int64(i)<<21+int64(i)<<12))
+	}
+	qio(t, dir, "img.qcow2", "qcow2", cmds...)
+	st := newDirStore(dir)
+	im, err := Open(context.Background(), st, "img.qcow2", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	st.delay = 5 * time.Millisecond
+	st.resetLog()
+	compareMap(t, dir, "img.qcow2", im)
+	if n := len(st.resetLog()); n != 48 {
+		t.Fatalf("Map read %d times, want the 48 L2 tables once each", n)
+	}
+	if m := st.maxInflight.Load(); m < ioParallelism {
+		t.Fatalf("at most %d L2 reads in flight, want %d", m, ioParallelism)
 	}
 }
 

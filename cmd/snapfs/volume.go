@@ -54,8 +54,11 @@ func openVolume(c *cli.Context, st objstore.Store, key, target string, writable 
 			return nil, err
 		}
 	}
-	info, err := st.Stat(ctx, key)
+	im, err := qcow2.Open(ctx, st, key, nil)
 	if err != nil {
+		if errors.Is(err, qcow2.ErrCorrupt) || errors.Is(err, qcow2.ErrUnsupported) || errors.Is(err, qcow2.ErrNotQCOW2) {
+			return nil, err // the object was read and refused
+		}
 		// A complete volume needs its object no more: serve it alone.
 		statePath := c.String("state")
 		if statePath == "" {
@@ -77,10 +80,7 @@ func openVolume(c *cli.Context, st objstore.Store, key, target string, writable 
 		}
 		return nil, err
 	}
-	im, err := qcow2.Open(ctx, st, key, nil)
-	if err != nil {
-		return nil, err
-	}
+	info := im.Object()
 	g := max(im.ClusterSize(), cache.DefaultGranularity)
 	vopts := cache.VolumeOptions{StatePath: c.String("state"), Size: size}
 	if s := c.String("flush-batch"); s != "" {
