@@ -24,10 +24,10 @@ const (
 	// MaxRead is the largest read request (max_read, and max_write).
 	MaxRead = 1 << 20
 	// ReadAheadKB is the kernel readahead window set for the mount's
-	// backing device, so that a sequential reader keeps several MaxRead
-	// requests in flight. 16 MiB (the disk layer's largest fetch window)
-	// beat 4 MiB and 1 MiB for dd bs=1M of a 1.4 GiB object through MinIO
-	// (bench/RESULTS.md, 2026-12-01 readahead sweep).
+	// backing device: 16 MiB, the disk layer's largest fetch window. Files
+	// are opened for direct I/O, so it serves mmap readers only (before
+	// direct I/O it beat 4 MiB and 1 MiB for dd bs=1M, bench/RESULTS.md,
+	// 2026-12-01 readahead sweep).
 	ReadAheadKB = 16384
 	// maxBackground bounds the kernel's asynchronous (readahead) requests.
 	maxBackground = 64
@@ -75,8 +75,11 @@ func (f *FS) Mount(dir, fsName string) (*Mount, error) {
 			DirectMountFlags:     syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_RDONLY,
 			IgnoreSecurityLabels: true,
 			DisableSplice:        true, // replies are in memory: splicing gains nothing, and 1 MiB replies exceed the pipe size
-			Debug:                f.opts.Debug,
-			Logger:               log.New(os.Stderr, "fuse: ", log.LstdFlags),
+			// Files are opened for direct I/O (fileNode.Open); this lets
+			// kernels from 6.6 map them all the same.
+			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+			Debug:             f.opts.Debug,
+			Logger:            log.New(os.Stderr, "fuse: ", log.LstdFlags),
 		},
 		EntryTimeout:    &ttl,
 		AttrTimeout:     &ttl,

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -51,5 +52,49 @@ func TestReadPathOptions(t *testing.T) {
 	}
 	if n, _ := strconv.Atoi(strings.TrimSpace(string(got))); n != ReadAheadKB {
 		t.Errorf("%s = %s, want %d", p, strings.TrimSpace(string(got)), ReadAheadKB)
+	}
+}
+
+// TestDirectIO: files are opened for direct I/O, so reading one leaves
+// none of it in the kernel's page cache (the device's memory tier is the
+// only cache), and mmap, where the kernel allows it (6.6), still reads the
+// same bytes.
+func TestDirectIO(t *testing.T) {
+	needFUSE(t)
+	dir := testTree(t)
+	f, err := New(context.Background(), fileStore(t, dir), "sub/top.qcow2", Options{ListTTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, mnt := mountFS(t, f)
+	p := mnt + "/top.raw"
+	ref := rawOf(t, dir, "sub/top.qcow2")
+	if got := readAll(t, p); sha(got) != sha(ref) {
+		t.Fatal("content differs from qemu-img convert")
+	}
+	fd, err := unix.Open(p, unix.O_RDONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	m, err := unix.Mmap(fd, 0, len(ref), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Skipf("mmap of a direct-I/O FUSE file: %v (kernels before 6.6 refuse it); the page cache was not checked", err)
+	}
+	defer unix.Munmap(m)
+	// Residency first, before the mapping itself faults pages in.
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		t.Fatal("mincore:", e)
+	}
+	resident := 0
+	for _, v := range vec {
+		resident += int(v & 1)
+	}
+	if resident != 0 {
+		t.Errorf("%d of %d pages of %s are in the page cache after a read", resident, len(vec), p)
+	}
+	if sha(m) != sha(ref) {
+		t.Error("mmap reads other bytes than qemu-img convert")
 	}
 }

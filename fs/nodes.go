@@ -166,8 +166,16 @@ func (n *fileNode) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.At
 	return 0
 }
 
-// Open opens the version's device (once per version) and keeps the page
-// cache: the content of an ETag never changes.
+// Open opens the version's device (once per version) for direct I/O
+// (FOPEN_DIRECT_IO), as QEMU's FUSE export does: reads and writes go to
+// the device, whose memory tier is the cache, and the kernel keeps no
+// second copy in its page cache. That copy could cost more than the rest
+// of a cold scan: a dd of a 4 GiB image through the page cache spent
+// 3.2-8.3 s of CPU in snapfs (in the slow runs 60% of it in the kernel's
+// copy of each reply into freshly allocated pages), against 2.7-3.4 s
+// with direct I/O. The device's own read-ahead (its stream detection)
+// replaces the kernel's. Writers (NBD clients of a writable device) stay coherent with FUSE
+// readers, and on kernels that allow it (6.6) mmap still works.
 func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
 	if write && !n.f.opts.Writable {
@@ -178,15 +186,11 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		n.f.log.Error("cannot open image", "object", n.obj.url, "etag", n.obj.etag, "err", err)
 		return nil, 0, errnoOf(err)
 	}
-	if !dev.ReadOnly() {
-		// Others (NBD clients) may write the device too: no kept cache.
-		return &handle{obj: n.obj, dev: dev}, 0, 0
-	}
-	if write {
+	if write && dev.ReadOnly() {
 		n.obj.release()
 		return nil, 0, syscall.EROFS
 	}
-	return &handle{obj: n.obj, dev: dev}, fuse.FOPEN_KEEP_CACHE, 0
+	return &handle{obj: n.obj, dev: dev}, fuse.FOPEN_DIRECT_IO, 0
 }
 
 // Read reads the device; a failure is EIO, with a log line naming the object.
