@@ -121,7 +121,7 @@ func BenchmarkImport(b *testing.B) {
 		rows = append(rows, r)
 		fmt.Println(r)
 	}
-	row("| image | latency | limit (16 x 8 MiB GETs) | snapfs import | qemu-img convert -O raw (http) | import / limit | import / qemu-img |")
+	row("| image | latency | limit (16 x 8 MiB GETs, best of 2) | snapfs import (best of 2) | qemu-img convert -O raw (http) | import / limit | import / qemu-img |")
 	row("|---|---|---|---|---|---|---|")
 	mbps := func(n int64, d time.Duration) float64 { return float64(n) / d.Seconds() / 1e6 }
 	b.ResetTimer()
@@ -135,9 +135,19 @@ func BenchmarkImport(b *testing.B) {
 			target := filepath.Join(out, "vol.raw")
 			os.Remove(target)
 			os.Remove(target + ".snapfs-state")
-			tImp, stalled := runWatched(b, rt.env, target, bin, "import", "s3://bench/"+img.key, target)
-			os.Remove(target)
-			os.Remove(target + ".snapfs-state")
+			// Best of two imports, as the limit is the best of two runs:
+			// single runs here vary by 10-20%.
+			var tImp time.Duration
+			var stalled bool
+			for range 2 {
+				d, st := runWatched(b, rt.env, target, bin, "import", "s3://bench/"+img.key, target)
+				os.Remove(target)
+				os.Remove(target + ".snapfs-state")
+				if tImp == 0 || d < tImp {
+					tImp = d
+				}
+				stalled = stalled || st
+			}
 			src := fmt.Sprintf(`json:{"driver":"qcow2","file":{"driver":"http","url":%q}}`, "http://"+rt.addr+"/bench/"+img.key)
 			dst := filepath.Join(out, "qemu.raw")
 			tQemu, qStalled := runWatched(b, nil, dst, "qemu-img", "convert", "-O", "raw", src, dst)
