@@ -176,6 +176,22 @@ func (s *faultStore) ReadAt(ctx context.Context, key string, p []byte, off int64
 	return s.Store.ReadAt(ctx, key, p, off, opts)
 }
 
+// slowStore delays every ReadAt and counts how many run at once.
+type slowStore struct {
+	objstore.Store
+	delay             time.Duration
+	inflight, maxSeen atomic.Int64
+}
+
+func (s *slowStore) ReadAt(ctx context.Context, key string, p []byte, off int64, opts objstore.ReadOptions) (int, error) {
+	n := s.inflight.Add(1)
+	defer s.inflight.Add(-1)
+	for m := s.maxSeen.Load(); n > m && !s.maxSeen.CompareAndSwap(m, n); m = s.maxSeen.Load() {
+	}
+	time.Sleep(s.delay)
+	return s.Store.ReadAt(ctx, key, p, off, opts)
+}
+
 // mountFS mounts f on a new temporary directory, unmounted (lazily, and
 // with fusermount3 -u -z as a last resort) when the test ends.
 func mountFS(t *testing.T, f *FS) (*Mount, string) {

@@ -75,9 +75,11 @@ func (f *FS) Mount(dir, fsName string) (*Mount, error) {
 			DirectMountFlags:     syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_RDONLY,
 			IgnoreSecurityLabels: true,
 			DisableSplice:        true, // replies are in memory: splicing gains nothing, and 1 MiB replies exceed the pipe size
-			// Files are opened for direct I/O (fileNode.Open); this lets
-			// kernels from 6.6 map them all the same.
-			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP,
+			// Files are opened for direct I/O (fileNode.Open): mmap is
+			// allowed all the same (kernels from 6.6), and asynchronous
+			// reads (io_uring, aio) go out together instead of one at a
+			// time (TestConcurrentAsyncReads).
+			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_ASYNC_DIO,
 			Debug:             f.opts.Debug,
 			Logger:            log.New(os.Stderr, "fuse: ", log.LstdFlags),
 		},

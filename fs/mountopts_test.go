@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -96,5 +98,36 @@ func TestDirectIO(t *testing.T) {
 	}
 	if sha(m) != sha(ref) {
 		t.Error("mmap reads other bytes than qemu-img convert")
+	}
+}
+
+// TestConcurrentAsyncReads: io_uring reads of a direct-I/O file reach the
+// device together. Without async direct I/O (CAP_ASYNC_DIO) the kernel
+// ran them one at a time: fio at QD32 made 72 IOPS through a 10 ms store.
+func TestConcurrentAsyncReads(t *testing.T) {
+	needFUSE(t)
+	needTools(t)
+	if _, err := exec.LookPath("fio"); err != nil {
+		t.Skip("fio not installed")
+	}
+	dir := t.TempDir()
+	makeImage(t, dir, "img.qcow2", "", "256M", "write -P 7 0 256M")
+	st := &slowStore{Store: fileStore(t, dir), delay: 10 * time.Millisecond}
+	f, err := New(context.Background(), st, "img.qcow2", Options{ListTTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, mnt := mountFS(t, f)
+	st.maxSeen.Store(0)
+	out, err := exec.Command("fio", "--name=r", "--filename="+mnt+"/img.raw", "--rw=randread", "--bs=4k",
+		"--ioengine=io_uring", "--iodepth=16", "--direct=0", "--norandommap", "--runtime=2", "--time_based").CombinedOutput()
+	if err != nil {
+		if strings.Contains(string(out), "io_uring") && strings.Contains(string(out), "not supported") {
+			t.Skipf("fio has no io_uring here: %s", out)
+		}
+		t.Fatalf("fio: %v\n%s", err, out)
+	}
+	if m := st.maxSeen.Load(); m < 4 {
+		t.Fatalf("at most %d store reads at once under fio io_uring QD16, want at least 4\n%s", m, out)
 	}
 }
