@@ -14,17 +14,24 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// TestReadPathOptions checks the read path a mount asks the kernel for:
-// max_read of MaxRead, and the readahead window of ReadAheadKB on the
-// mount's backing device.
-func TestReadPathOptions(t *testing.T) {
+// mountTop mounts the test tree's image sub/top.qcow2 alone; it returns the
+// tree's directory and the mount point.
+func mountTop(t *testing.T) (dir, mnt string) {
 	needFUSE(t)
-	dir := testTree(t)
+	dir = testTree(t)
 	f, err := New(context.Background(), fileStore(t, dir), "sub/top.qcow2", Options{ListTTL: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, mnt := mountFS(t, f)
+	_, mnt = mountFS(t, f)
+	return dir, mnt
+}
+
+// TestReadPathOptions checks the read path a mount asks the kernel for:
+// max_read of MaxRead, and the readahead window of ReadAheadKB on the
+// mount's backing device.
+func TestReadPathOptions(t *testing.T) {
+	_, mnt := mountTop(t)
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
@@ -62,13 +69,7 @@ func TestReadPathOptions(t *testing.T) {
 // only cache), and mmap, where the kernel allows it (6.6), still reads the
 // same bytes.
 func TestDirectIO(t *testing.T) {
-	needFUSE(t)
-	dir := testTree(t)
-	f, err := New(context.Background(), fileStore(t, dir), "sub/top.qcow2", Options{ListTTL: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, mnt := mountFS(t, f)
+	dir, mnt := mountTop(t)
 	p := mnt + "/top.raw"
 	ref := rawOf(t, dir, "sub/top.qcow2")
 	if got := readAll(t, p); sha(got) != sha(ref) {
