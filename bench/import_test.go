@@ -18,9 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
-
 	"github.com/snapfs/snapfs/tests/harness"
 )
 
@@ -97,23 +94,14 @@ func BenchmarkImport(b *testing.B) {
 		}
 		env = append(env, kv)
 	}
-	client := func(addr string) *minio.Client {
-		cl, err := minio.New(addr, &minio.Options{
-			Creds: credentials.NewStaticV4(m.AccessKey, m.SecretKey, ""), Region: harness.MinIORegion, Transport: proxyTransport(),
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return cl
-	}
 	// At 0 ms everyone talks to MinIO directly (qemu's curl driver stalls
 	// behind toxiproxy without a toxic); at 10 ms through the proxy.
 	type route struct {
 		env  []string
-		cl   *minio.Client
+		rm   remote
 		addr string
 	}
-	routes := map[int]route{0: {m.Env(), client(m.Endpoint), m.Endpoint}, 10: {env, client(px.addr), px.addr}}
+	routes := map[int]route{0: {m.Env(), minioRemote(m, m.Endpoint), m.Endpoint}, 10: {env, minioRemote(m, px.addr), px.addr}}
 
 	var rows []string
 	row := func(format string, args ...any) {
@@ -131,7 +119,7 @@ func BenchmarkImport(b *testing.B) {
 		}
 		rt := routes[lat]
 		for _, img := range imgs {
-			limit := min(parallelGets(b, rt.cl, "bench", img.key, img.obj, 8<<20, 16), parallelGets(b, rt.cl, "bench", img.key, img.obj, 8<<20, 16))
+			limit := min(seqLimit(b, rt.rm, "bench", img.key, img.obj, 8<<20, 16), seqLimit(b, rt.rm, "bench", img.key, img.obj, 8<<20, 16))
 			target := filepath.Join(out, "vol.raw")
 			os.Remove(target)
 			os.Remove(target + ".snapfs-state")

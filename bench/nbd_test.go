@@ -17,9 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/minio/minio-go/v7"
-	"github.com/minio/minio-go/v7/pkg/credentials"
-
 	"github.com/snapfs/snapfs/tests/harness"
 )
 
@@ -101,7 +98,7 @@ type nbdBench struct {
 	snapfs    string // binary, "" when it has no serve command
 	snapfsEnv []string
 	proxy     *latencyProxy
-	cl        *minio.Client // through the proxy
+	rm        remote // MinIO through the proxy, for the limits
 	res       map[rkey]*samples
 }
 
@@ -234,14 +231,7 @@ func newNBDBench(b *testing.B) (bn *nbdBench, began time.Time, load0 string) {
 		}
 		bn.snapfsEnv = append(bn.snapfsEnv, kv)
 	}
-	bn.cl, err = minio.New(px.addr, &minio.Options{
-		Creds:     credentials.NewStaticV4(m.AccessKey, m.SecretKey, ""),
-		Region:    harness.MinIORegion,
-		Transport: proxyTransport(),
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
+	bn.rm = minioRemote(m, px.addr)
 	// The uploads leave gigabytes of MinIO's writes in the page cache:
 	// flush them now, so that their writeback is not charged to the first
 	// run. (It was not what made BenchmarkFUSE's first ext4 run slow: that
@@ -275,11 +265,11 @@ func (bn *nbdBench) cell(img *nbdImage, lat, round int) {
 	// the table takes the better: on a shared machine one sample can land
 	// in someone else's burst.
 	seqLimit := func() {
-		d := parallelGets(bn.b, bn.cl, "bench", img.key, img.obj, 8<<20, 8)
+		d := seqLimit(bn.b, bn.rm, "bench", img.key, img.obj, 8<<20, 8)
 		bn.add(k(tSeq, wLimit), outcome{value: d.Seconds()})
 	}
 	randLimit := func() {
-		bn.add(k(tRand32, wLimit), randomGets(bn.cl, "bench", img.key, img.obj, 32, p.fioRuntime/2))
+		bn.add(k(tRand32, wLimit), randLimit(bn.rm, "bench", img.key, img.obj, 32, p.fioRuntime/2))
 	}
 
 	// Cold sequential: a fresh server each.
