@@ -109,7 +109,7 @@ func BenchmarkImport(b *testing.B) {
 		rows = append(rows, r)
 		fmt.Println(r)
 	}
-	row("| image | latency | limit (16 x 8 MiB GETs, best of 2) | snapfs import (best of 2) | qemu-img convert -O raw (http) | import / limit | import / qemu-img |")
+	row("| image | latency | limit (16 x 8 MiB GETs from another process, best of 2) | snapfs import (best of 2) | qemu-img convert -O raw (http) | import / limit | import / qemu-img |")
 	row("|---|---|---|---|---|---|---|")
 	mbps := func(n int64, d time.Duration) float64 { return float64(n) / d.Seconds() / 1e6 }
 	b.ResetTimer()

@@ -482,7 +482,7 @@ func (bn *nbdBench) legend() string {
 	var sb strings.Builder
 	sb.WriteString("\nsnapfs: `snapfs serve s3://bench/KEY` through the proxy, a fresh process per cold run. ")
 	sb.WriteString("peer: qemu-nbd -r over http (qemu's curl driver, defaults) through the same proxy; for the warm rows and their RSS, qemu-nbd on the local raw file (page cache warm). ")
-	sb.WriteString("limit: the Go client (minio-go) through the proxy: the whole object in 8 parallel 8 MiB ranged GETs (sequential rows), 4 KiB ranged GETs at random offsets, QD32 (random rows), each measured before and after the runs it bounds, the better taken; cache + 100 MiB (RSS rows). ")
+	sb.WriteString("limit: the Go client (minio-go) in a process of its own, through the proxy: the whole object in 8 parallel 8 MiB ranged GETs (sequential rows), 4 KiB ranged GETs at random offsets, QD32 (random rows), each measured before and after the runs it bounds, the better taken; cache + 100 MiB (RSS rows). ")
 	sb.WriteString("Sequential MB/s are object bytes over nbdcopy's wall time (nbdcopy defaults, to null:). ")
 	sb.WriteString("Ratio: snapfs / the reference its target names (for time to first 4 KiB: snapfs / qemu-nbd, lower is better); snapfs and peer are medians over rounds, RSS the maximum. ")
 	sb.WriteString("Random reads fall anywhere on the disk and reads of unallocated areas need no GET, so a server can beat the random-GET limit on disks with holes (images:")
