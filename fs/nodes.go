@@ -174,8 +174,9 @@ func (n *fileNode) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.At
 // 3.2-8.3 s of CPU in snapfs (in the slow runs 60% of it in the kernel's
 // copy of each reply into freshly allocated pages), against 2.7-3.4 s
 // with direct I/O. The device's own read-ahead (its stream detection)
-// replaces the kernel's. Writers (NBD clients of a writable device) stay coherent with FUSE
-// readers, and on kernels that allow it (6.6) mmap still works.
+// replaces the kernel's. Writers (NBD clients of a writable device) stay
+// coherent with FUSE readers, and on kernels that allow it (6.6) mmap
+// still works.
 func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
 	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
 	if write && !n.f.opts.Writable {
