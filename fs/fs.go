@@ -459,7 +459,7 @@ func (f *FS) probe(ctx context.Context, in objstore.ObjectInfo) probeResult {
 		switch {
 		case notQCOW2(err):
 			r.kind = probeNotQCOW2
-		case errors.Is(err, qcow2.ErrUnsupported), errors.Is(err, qcow2.ErrCorrupt), errors.Is(err, qcow2.ErrNotQCOW2):
+		case qcow2.Refused(err):
 			r.kind = probeRefused
 		default:
 			r.kind = probeFailed
@@ -474,7 +474,7 @@ func (f *FS) probe(ctx context.Context, in objstore.ObjectInfo) probeResult {
 		if err != nil {
 			r.reason = imageReason(err, url)
 			r.kind = probeFailed
-			if errors.Is(err, qcow2.ErrCorrupt) || errors.Is(err, qcow2.ErrUnsupported) {
+			if qcow2.Refused(err) {
 				r.kind = probeRefused
 			}
 			return r

@@ -136,6 +136,13 @@ var (
 	ErrCorrupt = errors.New("corrupt image")
 )
 
+// Refused reports whether err says that the object was read and refused
+// (ErrNotQCOW2, ErrUnsupported or ErrCorrupt), as opposed to a failure to
+// read it, which may heal.
+func Refused(err error) bool {
+	return errors.Is(err, ErrNotQCOW2) || errors.Is(err, ErrUnsupported) || errors.Is(err, ErrCorrupt)
+}
+
 // Error names the object, and the guest offset when a read failed there.
 type Error struct {
 	URL    string // the object, without signature

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -372,5 +373,24 @@ func TestServedFeatureBits(t *testing.T) {
 	if !in.Dirty || !in.Corrupt || in.UnknownCompat != 1<<5 || in.UnknownAutoclear != 1<<7 || !in.Servable ||
 		len(in.Incompatible) != 2 || in.Incompatible[0].Name != "dirty bit" {
 		t.Fatalf("Info = %+v", in)
+	}
+}
+
+// TestRefused tells refusals of the image from failures to read it.
+func TestRefused(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{&Error{URL: "u", Offset: -1, Err: ErrNotQCOW2}, true},
+		{&Error{URL: "u", Offset: -1, Err: refuse("encrypted")}, true},
+		{&Error{URL: "u", Offset: 0, Err: corrupt("L1 entry")}, true},
+		{&Error{URL: "u", Offset: -1, Err: &objstore.Error{Op: "stat", URL: "u", Err: objstore.ErrNotFound}}, false},
+		{&Error{URL: "u", Offset: -1, Err: io.ErrUnexpectedEOF}, false},
+		{nil, false},
+	} {
+		if got := Refused(c.err); got != c.want {
+			t.Errorf("Refused(%v) = %v, want %v", c.err, got, c.want)
+		}
 	}
 }

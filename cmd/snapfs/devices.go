@@ -167,7 +167,7 @@ func (d *devices) openAll(ctx context.Context, st objstore.Store, prefix string)
 			continue
 		}
 		dev, err := d.open(ctx, st, o.Key)
-		if err != nil && !errors.Is(err, qcow2.ErrNotQCOW2) && !errors.Is(err, qcow2.ErrUnsupported) && !errors.Is(err, qcow2.ErrCorrupt) {
+		if err != nil && !qcow2.Refused(err) {
 			return nil, err
 		}
 		out = append(out, found{key: o.Key, dev: dev, reason: err})

@@ -56,8 +56,8 @@ func openVolume(c *cli.Context, st objstore.Store, key, target string, writable 
 	}
 	im, err := qcow2.Open(ctx, st, key, nil)
 	if err != nil {
-		if errors.Is(err, qcow2.ErrCorrupt) || errors.Is(err, qcow2.ErrUnsupported) || errors.Is(err, qcow2.ErrNotQCOW2) {
-			return nil, err // the object was read and refused
+		if qcow2.Refused(err) {
+			return nil, err
 		}
 		// A complete volume needs its object no more: serve it alone.
 		statePath := c.String("state")
