@@ -175,20 +175,20 @@ func (s *Server) totalBytes() *budget {
 		if n <= 0 {
 			n = defaultMaxTotalBytes
 		}
-		s.total = &budget{max: max(n, int64(s.maxRequest())), wake: make(chan struct{})}
+		s.total = &budget{max: max(n, int64(s.maxRequest()))}
 	})
 	return s.total
 }
 
 // budget is a byte budget shared by connections. Unlike a semaphore, it
 // lets a waiter also watch for its own connection going idle (see
-// conn.takePayload): every give wakes all waiters, of which there is at
-// most one per connection.
+// conn.takePayload): a give wakes all waiters, of which there is at most
+// one per connection.
 type budget struct {
 	mu   sync.Mutex
 	max  int64
 	used int64
-	wake chan struct{} // closed and replaced by give
+	wake chan struct{} // closed by the next give; nil while nobody waits
 }
 
 // take reserves n bytes if they fit; otherwise it returns a channel
@@ -200,6 +200,9 @@ func (b *budget) take(n int64) (bool, <-chan struct{}) {
 		b.used += n
 		return true, nil
 	}
+	if b.wake == nil {
+		b.wake = make(chan struct{})
+	}
 	return false, b.wake
 }
 
@@ -207,8 +210,10 @@ func (b *budget) take(n int64) (bool, <-chan struct{}) {
 func (b *budget) give(n int64) {
 	b.mu.Lock()
 	b.used -= n
-	close(b.wake)
-	b.wake = make(chan struct{})
+	if b.wake != nil {
+		close(b.wake)
+		b.wake = nil
+	}
 	b.mu.Unlock()
 }
 
