@@ -725,21 +725,21 @@ func (im *Image) prefetchL2(ctx context.Context, off, end int64) (int64, error) 
 	span := int64(1) << (im.hdr.clusterBits + im.hdr.l2Bits())
 	i0 := off / span
 	i1 := min((end+span-1)/span, im.hdr.l1Size, i0+int64(max(1, im.l2.max/2)))
-	var miss []int64 // L1 indexes whose table is not cached
+	type table struct{ i, off int64 } // L1 index, L2 table offset
+	var miss []table                  // not cached
 	for i := i0; i < i1; i++ {
 		l2off, err := decodeL1Entry(binary.BigEndian.Uint64(im.l1[i*8:]), &im.geo)
 		if err == nil && l2off != 0 && im.l2.peek(l2off) == nil {
-			miss = append(miss, i)
+			miss = append(miss, table{i, l2off})
 		}
 	}
 	if len(miss) > 1 {
 		eg, ectx := errgroup.WithContext(ctx)
 		eg.SetLimit(ioParallelism)
-		for _, i := range miss {
-			l2off, _ := decodeL1Entry(binary.BigEndian.Uint64(im.l1[i*8:]), &im.geo)
+		for _, m := range miss {
 			eg.Go(func() error {
-				if _, err := im.l2Table(ectx, l2off); err != nil {
-					return &Error{URL: im.url, Offset: max(off, i*span), Err: err}
+				if _, err := im.l2Table(ectx, m.off); err != nil {
+					return &Error{URL: im.url, Offset: max(off, m.i*span), Err: err}
 				}
 				return nil
 			})

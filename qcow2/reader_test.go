@@ -8,9 +8,12 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/snapfs/snapfs/objstore"
 )
 
 // A well-laid-out image must turn one 4 MiB read into one store read, for
@@ -201,6 +204,21 @@ func TestMapPrefetchesL2(t *testing.T) {
 	}
 	if m := st.maxInflight.Load(); m < ioParallelism {
 		t.Fatalf("at most %d L2 reads in flight, want %d", m, ioParallelism)
+	}
+
+	// A store that fails while the tables are prefetched: Map says so,
+	// naming the image.
+	im2, err := Open(context.Background(), st, "img.qcow2", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im2.Close()
+	if err := os.Remove(filepath.Join(dir, "img.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	var qe *Error
+	if _, err := im2.Map(context.Background(), 0, im2.Size()); !errors.As(err, &qe) || qe.URL != im2.URL() || !errors.Is(err, objstore.ErrNotFound) {
+		t.Fatalf("Map of a vanished object: %v", err)
 	}
 }
 
