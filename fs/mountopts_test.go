@@ -2,7 +2,9 @@ package fs
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -68,38 +70,106 @@ func TestReadPathOptions(t *testing.T) {
 // none of it in the kernel's page cache (the device's memory tier is the
 // only cache), and mmap, where the kernel allows it (6.6), still reads the
 // same bytes.
+//
+// The mapping is read by a child process (mmapProbe): a page fault on a
+// FUSE file is not a system call, so the Go runtime cannot stop the
+// faulting thread for a garbage collection, and when the same process
+// serves the fault, the collection waits for the server that waits for
+// it. That deadlock hung this test once (a GC in bufpool.Get while the
+// test thread faulted on the mapping).
 func TestDirectIO(t *testing.T) {
 	dir, mnt := mountTop(t)
 	p := mnt + "/top.raw"
 	ref := rawOf(t, dir, "sub/top.qcow2")
-	if got := readAll(t, p); sha(got) != sha(ref) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), mmapProbeEnv+"="+p)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("mmap probe: %v: %s", err, out)
+	}
+	var res mmapResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatalf("mmap probe printed %q: %v", out, err)
+	}
+	if res.Fail != "" {
+		t.Fatal("mmap probe:", res.Fail)
+	}
+	if res.ReadSHA != sha(ref) {
 		t.Fatal("content differs from qemu-img convert")
 	}
-	fd, err := unix.Open(p, unix.O_RDONLY, 0)
-	if err != nil {
-		t.Fatal(err)
+	if res.Err != "" {
+		t.Skipf("mmap of a direct-I/O FUSE file: %s (kernels before 6.6 refuse it); the page cache was not checked", res.Err)
 	}
-	defer unix.Close(fd)
-	m, err := unix.Mmap(fd, 0, len(ref), unix.PROT_READ, unix.MAP_SHARED)
-	if err != nil {
-		t.Skipf("mmap of a direct-I/O FUSE file: %v (kernels before 6.6 refuse it); the page cache was not checked", err)
+	if res.Pages != (len(ref)+os.Getpagesize()-1)/os.Getpagesize() {
+		t.Fatalf("mmap probe saw %d pages, want %d", res.Pages, (len(ref)+os.Getpagesize()-1)/os.Getpagesize())
 	}
-	defer unix.Munmap(m)
-	// Residency first, before the mapping itself faults pages in.
-	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
-	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
-		t.Fatal("mincore:", e)
+	if res.Resident != 0 {
+		t.Errorf("%d of %d pages of %s are in the page cache after a read", res.Resident, res.Pages, p)
 	}
-	resident := 0
-	for _, v := range vec {
-		resident += int(v & 1)
-	}
-	if resident != 0 {
-		t.Errorf("%d of %d pages of %s are in the page cache after a read", resident, len(vec), p)
-	}
-	if sha(m) != sha(ref) {
+	if res.SHA != sha(ref) {
 		t.Error("mmap reads other bytes than qemu-img convert")
 	}
+}
+
+// mmapProbeEnv, when set to a file's path, makes the test binary run
+// mmapProbe on it instead of its tests.
+const mmapProbeEnv = "SNAPFS_TEST_MMAP_PROBE"
+
+// mmapResult is what mmapProbe prints: the sha256 of the file as read(2)
+// returned it, the file's pages, how many of them were in the page cache
+// after that read, and the sha256 of a mapping of the file; or why it
+// could not be mapped (Err) or probed (Fail).
+type mmapResult struct {
+	ReadSHA         string
+	Pages, Resident int
+	SHA, Err, Fail  string
+}
+
+func TestMain(m *testing.M) {
+	if p := os.Getenv(mmapProbeEnv); p != "" {
+		res := mmapProbe(p)
+		b, _ := json.Marshal(res)
+		os.Stdout.Write(b)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// mmapProbe reads the file at p whole, then maps it through the same
+// descriptor (the kernel drops a FUSE file's cached pages when it is
+// opened again), counts its pages in the page cache (mincore, before the
+// mapping itself faults pages in) and hashes the mapping.
+func mmapProbe(p string) mmapResult {
+	var res mmapResult
+	f, err := os.Open(p)
+	if err != nil {
+		res.Fail = err.Error()
+		return res
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil || len(b) == 0 {
+		res.Fail = fmt.Sprintf("read: %d bytes, %v", len(b), err)
+		return res
+	}
+	res.ReadSHA = sha(b)
+	m, err := unix.Mmap(int(f.Fd()), 0, len(b), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		res.Err = err.Error()
+		return res
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); e != 0 {
+		res.Fail = "mincore: " + e.Error()
+		return res
+	}
+	res.Pages = len(vec)
+	for _, v := range vec {
+		res.Resident += int(v & 1)
+	}
+	res.SHA = sha(m)
+	return res
 }
 
 // TestConcurrentAsyncReads: io_uring reads of a direct-I/O file reach the
