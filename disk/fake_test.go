@@ -698,18 +698,9 @@ func TestCongestedRandomFetchesBlocks(t *testing.T) {
 	}
 }
 
-// A sequential scan through a full memory tier does not copy what it read
-// into the tier (where it would evict blocks other readers come back to,
-// or be refused by the admission policy after the copy): read-ahead read
-// to its end goes to the tier only while it has room.
-func TestScanSkipsFullTier(t *testing.T) {
-	c, err := cache.NewMemory(64 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	f := &fakeImage{size: 512 * mib, cluster: 64 << 10}
-	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+// scan reads f whole through d in 1 MiB reads, in order, checking the bytes.
+func scan(t *testing.T, d *Disk, f *fakeImage) {
+	t.Helper()
 	p := make([]byte, 1*mib)
 	for off := int64(0); off < f.size; off += int64(len(p)) {
 		if _, err := d.ReadAt(context.Background(), p, off); err != nil {
@@ -717,15 +708,52 @@ func TestScanSkipsFullTier(t *testing.T) {
 		}
 		checkPattern(t, f, p, off)
 	}
+}
+
+// A sequential scan of a disk larger than the memory tier does not copy
+// what it read into the tier: its tail would only push out its head (and
+// the blocks other readers come back to), and each copy costs a page the
+// tier has not touched yet. Only the demand fetches before the stream is
+// recognised go in.
+func TestScanLargerThanTierSkipsIt(t *testing.T) {
+	c, err := cache.NewMemory(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	f := &fakeImage{size: 512 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	scan(t, d, f)
 	settle(d)
 	d.Close() // waits for the retirements
 	st := c.Stats()
 	puts := (st.Added + st.Rejected + st.Dropped) * (64 << 10)
 	t.Logf("blocks put: %d added, %d rejected, %d dropped; %d evicted", st.Added, st.Rejected, st.Dropped, st.Evicted)
-	if puts > 2*c.Capacity() {
+	if puts > c.Capacity()/8 {
 		t.Errorf("%d MiB of blocks put into a %d MiB tier by a %d MiB scan", puts>>20, c.Capacity()>>20, f.size>>20)
 	}
-	if st.Added == 0 {
-		t.Error("nothing went to the tier while it had room")
+}
+
+// A sequential scan of a disk that fits in the memory tier fills it: a
+// second scan reads nothing from the image.
+func TestScanThatFitsIsCached(t *testing.T) {
+	c, err := cache.NewMemory(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	f := &fakeImage{size: 48 * mib, cluster: 64 << 10}
+	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	scan(t, d, f)
+	settle(d)
+	f.mu.Lock()
+	first := len(f.reads)
+	f.mu.Unlock()
+	scan(t, d, f)
+	f.mu.Lock()
+	again := f.reads[first:]
+	f.mu.Unlock()
+	if len(again) > 0 {
+		t.Errorf("second scan of a %d MiB disk through a %d MiB tier: %d image reads (first %v)", f.size>>20, c.Capacity()>>20, len(again), again[0])
 	}
 }

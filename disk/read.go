@@ -429,14 +429,16 @@ func (d *Disk) run(f *flight) {
 
 // retire puts f's blocks in the memory tier, then unregisters f and
 // leaves it. A stream's fetch that its readers copied all of is left out
-// while the tier has no room for it without evicting: its sequential
-// reader has read those blocks once and most likely moves on, and a scan
-// should neither push out what other readers come back to nor pay for
-// copies the admission policy would refuse (the copy into the tier was
-// 37% of snapfs's CPU in a cold nbdcopy).
+// unless the whole disk fits in the tier and the tier has room for it
+// without evicting. Its sequential reader has read those blocks once and
+// most likely moves on: a scan of a disk larger than the tier would push
+// its own head out with its tail, and the blocks other readers come back
+// to with it. The copies cost too: into fresh tier pages they were a
+// third of snapfs's CPU in a cold nbdcopy (29% page clearing alone, with
+// a 512 MiB tier and a 1.4 GB object).
 func (d *Disk) retire(f *flight) {
 	readOnce := f.keep && f.used.Load() >= f.len
-	if d.cache != nil && (!readOnce || d.cache.Room() >= f.len) {
+	if d.cache != nil && (!readOnce || d.size <= d.cache.Capacity() && d.cache.Room() >= f.len) {
 		buf := *f.buf
 		for i := range f.n {
 			b := f.start + i
