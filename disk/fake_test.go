@@ -710,19 +710,26 @@ func scan(t *testing.T, d *Disk, f *fakeImage) {
 	}
 }
 
+// scanDisk returns a 64 MiB memory tier and a disk of size bytes (64 KiB
+// clusters) served through it.
+func scanDisk(t *testing.T, size int64) (*cache.Memory, *fakeImage, *Disk) {
+	t.Helper()
+	c, err := cache.NewMemory(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	f := &fakeImage{size: size, cluster: 64 << 10}
+	return c, f, fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+}
+
 // A sequential scan of a disk larger than the memory tier does not copy
 // what it read into the tier: its tail would only push out its head (and
 // the blocks other readers come back to), and each copy costs a page the
 // tier has not touched yet. Only the demand fetches before the stream is
 // recognised go in.
 func TestScanLargerThanTierSkipsIt(t *testing.T) {
-	c, err := cache.NewMemory(64 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	f := &fakeImage{size: 512 * mib, cluster: 64 << 10}
-	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	c, f, d := scanDisk(t, 512*mib)
 	scan(t, d, f)
 	settle(d)
 	d.Close() // waits for the retirements
@@ -737,13 +744,7 @@ func TestScanLargerThanTierSkipsIt(t *testing.T) {
 // A sequential scan of a disk that fits in the memory tier fills it: a
 // second scan reads nothing from the image.
 func TestScanThatFitsIsCached(t *testing.T) {
-	c, err := cache.NewMemory(64 << 20)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	f := &fakeImage{size: 48 * mib, cluster: 64 << 10}
-	d := fakeDisk(t, f, Options{Cache: c, MinFetch: 256 << 10, MaxWindow: 4 * mib})
+	c, f, d := scanDisk(t, 48*mib)
 	scan(t, d, f)
 	settle(d)
 	f.mu.Lock()
