@@ -136,6 +136,12 @@ func decodeL2Entry(raw, bitmap uint64, g *geometry) (l2Entry, error) {
 	return e, nil
 }
 
+// l2Offset returns the L2 table offset in L1 entry i (0 when the L2
+// table is unallocated), decoded and checked by decodeL1Entry.
+func (im *Image) l2Offset(i int64) (int64, error) {
+	return decodeL1Entry(binary.BigEndian.Uint64(im.l1[i*8:]), &im.geo)
+}
+
 // decodeL1Entry returns the L2 table offset of an L1 entry (0 when the L2
 // table is unallocated), checked against the image.
 func decodeL1Entry(raw uint64, g *geometry) (int64, error) {
@@ -302,7 +308,7 @@ func (im *Image) entryAt(ctx context.Context, g int64) (e l2Entry, noL2 bool, er
 	if g < 0 || l1i >= im.hdr.l1Size {
 		return e, false, &Error{URL: im.url, Offset: g, Err: corrupt("guest offset outside the L1 table")}
 	}
-	l2off, err := decodeL1Entry(binary.BigEndian.Uint64(im.l1[l1i*8:]), &im.geo)
+	l2off, err := im.l2Offset(l1i)
 	if err != nil {
 		return e, false, &Error{URL: im.url, Offset: g, Err: err}
 	}

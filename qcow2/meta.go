@@ -103,7 +103,7 @@ func (im *Image) allocatedBytes(ctx context.Context) (int64, error) {
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.SetLimit(ioParallelism)
 	for i := int64(0); i < h.l1Size && i*span < h.size; i++ {
-		l2off, err := decodeL1Entry(binary.BigEndian.Uint64(im.l1[i*8:]), &im.geo)
+		l2off, err := im.l2Offset(i)
 		if err != nil || l2off == 0 {
 			continue
 		}

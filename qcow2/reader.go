@@ -4,7 +4,6 @@ package qcow2
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -728,7 +727,7 @@ func (im *Image) prefetchL2(ctx context.Context, off, end int64) (int64, error) 
 	type table struct{ i, off int64 } // L1 index, L2 table offset
 	var miss []table                  // not cached
 	for i := i0; i < i1; i++ {
-		l2off, err := decodeL1Entry(binary.BigEndian.Uint64(im.l1[i*8:]), &im.geo)
+		l2off, err := im.l2Offset(i)
 		if err == nil && l2off != 0 && im.l2.peek(l2off) == nil {
 			miss = append(miss, table{i, l2off})
 		}
