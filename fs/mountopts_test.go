@@ -85,7 +85,11 @@ func TestDirectIO(t *testing.T) {
 	cmd.Env = append(os.Environ(), mmapProbeEnv+"="+p)
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("mmap probe: %v: %s", err, out)
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("mmap probe: %v: %s%s", err, out, stderr)
 	}
 	var res mmapResult
 	if err := json.Unmarshal(out, &res); err != nil {
