@@ -80,13 +80,8 @@ func StartMinIO(t testing.TB) *MinIO {
 	if err != nil {
 		t.Fatal(err)
 	}
-	port, err := freePort()
-	if err != nil {
-		t.Fatalf("minio: no free port: %v", err)
-	}
 	logDir := t.TempDir()
 	m := &MinIO{
-		Endpoint:  net.JoinHostPort("127.0.0.1", port),
 		AccessKey: "snapfs-" + randomHex(4),
 		SecretKey: randomHex(16),
 		DataDir:   t.TempDir(),
@@ -94,8 +89,24 @@ func StartMinIO(t testing.TB) *MinIO {
 		bin:       bin,
 	}
 	t.Cleanup(m.Stop)
-	m.Start(t)
-	return m
+	// The port is free when freePort returns, but another process (a
+	// listener, or an outgoing connection's ephemeral port) may take it
+	// before MinIO binds it: then try another.
+	for attempt := 1; ; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			t.Fatalf("minio: no free port: %v", err)
+		}
+		m.Endpoint = net.JoinHostPort("127.0.0.1", port)
+		err = m.start()
+		if err == nil {
+			return m
+		}
+		if !errors.Is(err, errPortInUse) || attempt == 5 {
+			t.Fatal(err)
+		}
+		t.Logf("minio: %s was taken before MinIO bound it; trying another port", m.Endpoint)
+	}
 }
 
 func randomHex(n int) string {
@@ -114,20 +125,40 @@ func freePort() (string, error) {
 	return port, err
 }
 
+// errPortInUse is start's error when MinIO found its port taken.
+var errPortInUse = errors.New("port already in use")
+
 // Start (re)starts the server on the same port and data directory, for
-// tests that stop it to inject faults, and waits until it is live.
+// tests that stop it to inject faults, and waits until it is live. While
+// another process holds the port (it may have taken it while the server
+// was down), it tries again for up to 10 s.
 func (m *MinIO) Start(t testing.TB) {
 	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := m.start()
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, errPortInUse) || time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// start starts the server on m.Endpoint and waits until it is live.
+func (m *MinIO) start() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.cmd != nil {
-		t.Fatalf("minio: already running on %s", m.Endpoint)
+		return fmt.Errorf("minio: already running on %s", m.Endpoint)
 	}
 	logf, err := os.OpenFile(m.LogPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
-		t.Fatalf("minio: log file: %v", err)
+		return fmt.Errorf("minio: log file: %w", err)
 	}
-	fmt.Fprintf(logf, "=== %s start\n", time.Now().Format(time.RFC3339Nano))
+	fmt.Fprintf(logf, "=== %s start on %s\n", time.Now().Format(time.RFC3339Nano), m.Endpoint)
 	cmd := exec.Command(m.bin, "server", "--quiet", "--address", m.Endpoint, m.DataDir)
 	cmd.Env = append(os.Environ(),
 		"MINIO_ROOT_USER="+m.AccessKey,
@@ -143,7 +174,7 @@ func (m *MinIO) Start(t testing.TB) {
 	cmd.SysProcAttr = procAttr()
 	if err := cmd.Start(); err != nil {
 		logf.Close()
-		t.Fatalf("minio: start %s: %v", m.bin, err)
+		return fmt.Errorf("minio: start %s: %w", m.bin, err)
 	}
 	logf.Close() // the child holds its own copy
 	exited := make(chan struct{})
@@ -161,20 +192,33 @@ func (m *MinIO) Start(t testing.TB) {
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return
+				return nil
 			}
 		}
 		select {
 		case <-exited:
 			m.cmd = nil
-			t.Fatalf("minio: server exited during startup (%v)\n%s", cmd.ProcessState, m.LogTail())
+			tail := m.LogTail()
+			err := fmt.Errorf("minio: server exited during startup (%v)\n%s", cmd.ProcessState, tail)
+			if strings.Contains(lastStart(tail), "already in use") {
+				err = fmt.Errorf("%w: %w", errPortInUse, err)
+			}
+			return err
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			m.stopLocked()
-			t.Fatalf("minio: not live on %s after 60s\n%s", m.Endpoint, m.LogTail())
+			return fmt.Errorf("minio: not live on %s after 60s\n%s", m.Endpoint, m.LogTail())
 		}
 	}
+}
+
+// lastStart returns the part of a log tail written since the last start.
+func lastStart(tail string) string {
+	if i := strings.LastIndex(tail, "=== "); i >= 0 {
+		return tail[i:]
+	}
+	return tail
 }
 
 // Stop stops the server: SIGTERM, then SIGKILL after 10s. It waits for the
